@@ -1,0 +1,139 @@
+"""The expert side of a Mixtral layer: router gate, dispatch to expert groups, SwiGLU experts, combine.
+
+Two seams keep the processes of the cluster apart:
+
+* `MoE` — what the attention side calls: a layer's normalised hidden states in, the MoE output out.
+  In one process it is a `Router` over local groups; in the cluster it is a client of the router service.
+* `Experts` — what the router calls: rows of hidden states, each with the one expert it goes to,
+  for the experts one group owns. Locally an `ExpertGroup`; in the cluster a client of an expert service.
+
+Routing follows Mixtral: softmax of the gate logits in fp32, top-k, renormalise over the k.
+Legend: T = tokens, D = hidden, E = experts, A = experts per token (top-k), N = rows sent to a group,
+I = expert hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class MoE(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, D] normalised hidden states of one layer -> [T, D] MoE output."""
+        ...
+
+
+class Experts(Protocol):
+    experts: tuple[int, ...]
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x: [N, D] rows sorted by expert, expert_ids: [N] -> [N, D], row n through expert_ids[n]."""
+        ...
+
+
+def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing. x: [T, D], gate: [E, D] -> (weights [T, A] fp32, experts [T, A] int64)."""
+    probs = torch.softmax(F.linear(x, gate).float(), dim=-1)  # [T, E]
+    weights, experts = torch.topk(probs, top_k, dim=-1)  # [T, A]
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which rows go to which group. Rows are (token, choice) pairs of the flattened [T*A] routing."""
+
+    rows: list[torch.Tensor]  # per group: [N_g] indices into T*A, sorted by expert then token
+    tokens: torch.Tensor  # [T*A] token of each row
+    experts: torch.Tensor  # [T*A] expert of each row
+    weights: torch.Tensor  # [T*A] fp32 routing weight of each row
+
+
+def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert: torch.Tensor,
+                  num_groups: int) -> Dispatch:
+    """Split routed rows by expert group; each group gets one batch, ordered by expert."""
+    t, a = experts.shape
+    flat_experts = experts.reshape(-1)  # [T*A]
+    tokens = torch.arange(t, device=experts.device).repeat_interleave(a)  # [T*A]
+    # Sort by expert, stable so rows of one expert keep token order (as the reference does).
+    order = torch.sort(flat_experts, stable=True).indices
+    groups_sorted = group_of_expert[flat_experts[order]]
+    rows = [order[groups_sorted == g] for g in range(num_groups)]
+    return Dispatch(rows=rows, tokens=tokens, experts=flat_experts, weights=weights.reshape(-1))
+
+
+def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs -> [T, D].
+
+    As the reference: each contribution is scaled in fp32, cast to the compute dtype, then added.
+    """
+    out = torch.zeros_like(like)
+    for rows, y in zip(dispatch.rows, outputs):
+        if y is None or rows.numel() == 0:
+            continue
+        contrib = (y * dispatch.weights[rows, None]).to(out.dtype)
+        out.index_add_(0, dispatch.tokens[rows], contrib)
+    return out
+
+
+class ExpertGroup:
+    """Local SwiGLU experts of one group, for every layer it serves: w2(silu(w1 x) * w3 x).
+
+    Weights are stacked per layer as in the fused-MoE contract: w13 [E_g, 2I, D] (w1 then w3) and
+    w2 [E_g, D, I], so one matmul computes gate and up projections together.
+    """
+
+    def __init__(self, experts: Sequence[int], w13: Mapping[int, torch.Tensor], w2: Mapping[int, torch.Tensor]):
+        self.experts = tuple(experts)
+        self.w13, self.w2 = dict(w13), dict(w2)
+        self._local = {e: i for i, e in enumerate(self.experts)}
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.w13))
+
+    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if layer not in self.w13:
+            raise ValueError(f"layer {layer} is not served by this expert group")
+        out = torch.empty_like(x)
+        ids, counts = torch.unique_consecutive(expert_ids, return_counts=True)
+        begin = 0
+        for expert, count in zip(ids.tolist(), counts.tolist()):
+            if expert not in self._local:
+                raise ValueError(f"expert {expert} is not owned by this group (owns {self.experts})")
+            e = self._local[expert]
+            rows = slice(begin, begin + count)
+            gate, up = F.linear(x[rows], self.w13[layer][e]).chunk(2, dim=-1)  # [n, I] each
+            out[rows] = F.linear(F.silu(gate) * up, self.w2[layer][e])
+            begin += count
+        return out
+
+
+class Router:
+    """Owns each layer's gate; sends every group one batch of the rows it owns; combines the results."""
+
+    def __init__(self, gates: Mapping[int, torch.Tensor], top_k: int, groups: Sequence[Experts],
+                 num_experts: int):
+        self.gates, self.top_k, self.groups = dict(gates), top_k, list(groups)
+        group_of_expert = torch.full((num_experts,), -1, dtype=torch.long)
+        for g, group in enumerate(self.groups):
+            group_of_expert[list(group.experts)] = g
+        if (group_of_expert < 0).any():
+            missing = (group_of_expert < 0).nonzero().flatten().tolist()
+            raise ValueError(f"experts {missing} are owned by no expert group")
+        self.group_of_expert = group_of_expert
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = route(x, self.gates[layer], self.top_k)
+        dispatch = plan_dispatch(weights, experts, self.group_of_expert.to(x.device), len(self.groups))
+        outputs = []
+        for group, rows in zip(self.groups, dispatch.rows):
+            if rows.numel() == 0:
+                outputs.append(None)
+                continue
+            outputs.append(group(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]))
+        return combine(dispatch, outputs, x)

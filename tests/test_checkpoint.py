@@ -1,0 +1,142 @@
+"""Checkpoint format, strict loading, and reading only owned tensors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import expertmesh.checkpoint as checkpoint
+from expertmesh.checkpoint import CheckpointError, CheckpointReader, expected_shapes
+from expertmesh.model.config import ModelConfig
+from expertmesh.model.load import load_expert_group, load_local_model, split_experts
+from expertmesh.presets import PRESETS, random_weights
+
+
+class SpyingSafeOpen:
+    """Wraps safetensors' `safe_open`, recording every tensor whose data is requested."""
+
+    def __init__(self):
+        self.read: list[str] = []
+
+    def __call__(self, path, framework):
+        handle = safe_open(path, framework=framework)
+        spy = self
+
+        class Handle:
+            def __enter__(self):
+                handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return handle.keys()
+
+            def get_tensor(self, name):
+                spy.read.append(name)
+                return handle.get_tensor(name)
+
+            def get_slice(self, name):
+                spy.read.append(name)
+                return handle.get_slice(name)
+
+        return Handle()
+
+
+@pytest.mark.parametrize("ckpt_name", ["tiny_ckpt", "sharded_ckpt"])
+def test_expert_group_reads_only_its_experts(ckpt_name, request, monkeypatch):
+    ckpt = request.getfixturevalue(ckpt_name)
+    cfg = ModelConfig.from_checkpoint(ckpt)
+    spy = SpyingSafeOpen()
+    monkeypatch.setattr(checkpoint, "safe_open", spy)
+    group = load_expert_group(CheckpointReader(ckpt), experts=(2, 5), dtype=torch.float32)
+    owned = {f"model.layers.{n}.block_sparse_moe.experts.{e}.w{w}.weight"
+             for n in range(cfg.num_hidden_layers) for e in (2, 5) for w in (1, 2, 3)}
+    assert set(spy.read) == owned
+    assert len(spy.read) == len(owned), "a tensor was read twice"
+    # and what was read is what the file holds, stacked as [w1; w3] and w2
+    full = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            full.update({k: h.get_tensor(k) for k in h.keys()})
+    w1 = full["model.layers.1.block_sparse_moe.experts.5.w1.weight"]
+    assert torch.equal(group.w13[1][1][: w1.shape[0]], w1)
+    assert torch.equal(group.w2[1][0], full["model.layers.1.block_sparse_moe.experts.2.w2.weight"])
+
+
+def test_sharded_checkpoint_has_index_and_several_files(sharded_ckpt):
+    index = json.loads((sharded_ckpt / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert set(index["weight_map"]) == set(expected_shapes(ModelConfig.from_checkpoint(sharded_ckpt)))
+
+
+def test_init_model_is_reproducible(tmp_path):
+    a = random_weights(PRESETS["tiny"], seed=4)
+    b = random_weights(PRESETS["tiny"], seed=4)
+    c = random_weights(PRESETS["tiny"], seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.norm.weight"], c["model.norm.weight"])
+
+
+def test_hub_and_rope_parameters_configs(hf_ckpt, tiny_ckpt):
+    hub = json.loads((tiny_ckpt / "config.json").read_text())
+    assert hub["rope_theta"] == 1e6 and "rope_parameters" not in hub
+    assert ModelConfig.from_checkpoint(tiny_ckpt).rope_theta == 1e6
+    new_style = json.loads((hf_ckpt / "config.json").read_text())
+    assert "rope_parameters" in new_style
+    cfg = ModelConfig.from_checkpoint(hf_ckpt)
+    assert cfg.rope_theta == 10000.0 and cfg.sliding_window == 12 and cfg.head_dim == 8
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unexpected_tensor_is_named(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    tensors["model.layers.0.block_sparse_moe.experts.9.w1.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"experts\.9\.w1\.weight"):
+        CheckpointReader(ckpt)
+
+
+def test_missing_tensor_is_named(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys() if k != "model.layers.1.self_attn.k_proj.weight"}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
+        CheckpointReader(ckpt)
+
+
+def test_wrong_shape_names_file_and_tensor(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["intermediate_size"] = 96  # config no longer matches the weights
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.block_sparse_moe"):
+        load_local_model(CheckpointReader(ckpt), num_slots=1, max_len=8, dtype=torch.float32)
+
+
+def test_truncated_file_is_an_error_naming_the_file(tiny_ckpt, tmp_path):
+    ckpt = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_local_model(CheckpointReader(ckpt), num_slots=1, max_len=8, dtype=torch.float32)
+
+
+def test_split_experts():
+    assert split_experts(8, 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert split_experts(8, 8) == [(e,) for e in range(8)]
+    with pytest.raises(ValueError, match="expert_groups"):
+        split_experts(8, 9)
