@@ -60,14 +60,20 @@ def test_expert_group_reads_only_its_experts(ckpt_name, request, monkeypatch):
              for n in range(cfg.num_hidden_layers) for e in (2, 5) for w in (1, 2, 3)}
     assert set(spy.read) == owned
     assert len(spy.read) == len(owned), "a tensor was read twice"
-    # and what was read is what the file holds, stacked as [w1; w3] and w2
+    # and what was read is what the file holds: the group computes w2(silu(w1 x) * w3 x) with it
     full = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             full.update({k: h.get_tensor(k) for k in h.keys()})
-    w1 = full["model.layers.1.block_sparse_moe.experts.5.w1.weight"]
-    assert torch.equal(group.w13[1][1][: w1.shape[0]], w1)
-    assert torch.equal(group.w2[1][0], full["model.layers.1.block_sparse_moe.experts.2.w2.weight"])
+    x = torch.randn(3, cfg.hidden_size)
+    ids = torch.tensor([2, 5, 5])
+    got = group(1, x, ids)
+    for row, e in enumerate(ids.tolist()):
+        w1, w2, w3 = (full[f"model.layers.1.block_sparse_moe.experts.{e}.w{w}.weight"] for w in (1, 2, 3))
+        want = w2 @ (torch.nn.functional.silu(w1 @ x[row]) * (w3 @ x[row]))
+        assert torch.allclose(got[row], want, atol=1e-5)
+    with pytest.raises(ValueError, match="expert 3 is not owned"):
+        group(0, x[:1], torch.tensor([3]))
 
 
 def test_sharded_checkpoint_has_index_and_several_files(sharded_ckpt):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from expertmesh.model.batch import StepBatch
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.linear import Linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,14 +68,18 @@ class KVCache:
 
 @dataclass
 class AttentionWeights:
-    """One layer's attention-side tensors, in the checkpoint's [out, in] layout."""
+    """One layer's attention side. q, k and v projections are fused into one matmul."""
 
     input_norm: torch.Tensor  # [D]
-    wq: torch.Tensor  # [H*hd, D]
-    wk: torch.Tensor  # [KVH*hd, D]
-    wv: torch.Tensor  # [KVH*hd, D]
-    wo: torch.Tensor  # [D, H*hd]
+    wqkv: Linear  # [H*hd + 2*KVH*hd, D]: checkpoint q_proj, k_proj, v_proj stacked
+    wo: Linear  # [D, H*hd]
     post_norm: torch.Tensor  # [D]
+
+    @classmethod
+    def from_checkpoint(cls, t: dict[str, torch.Tensor]) -> AttentionWeights:
+        """From the tensors of `checkpoint.attention_names` roles (input_norm, wq, wk, wv, wo, post_norm)."""
+        wqkv = torch.cat((t["wq"], t["wk"], t["wv"]), dim=0)
+        return cls(t["input_norm"], Linear(wqkv), Linear(t["wo"]), t["post_norm"])
 
 
 def attention(x: torch.Tensor, w: AttentionWeights, batch: StepBatch, cos: torch.Tensor, sin: torch.Tensor,
@@ -84,10 +89,9 @@ def attention(x: torch.Tensor, w: AttentionWeights, batch: StepBatch, cos: torch
     Writes this step's keys and values into the cache first, then attends over the padded batch with
     one SDPA call for all sequences (prefill and decode alike).
     """
-    t, hd = x.shape[0], cfg.head_dim
-    q = F.linear(x, w.wq).view(t, cfg.num_attention_heads, hd)
-    k = F.linear(x, w.wk).view(t, cfg.num_key_value_heads, hd)
-    v = F.linear(x, w.wv).view(t, cfg.num_key_value_heads, hd)
+    t, hd, h, kvh = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    q, k, v = w.wqkv(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+    q, k, v = q.reshape(t, h, hd), k.reshape(t, kvh, hd), v.reshape(t, kvh, hd)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     cache_k[batch.token_slots, batch.positions] = k
     cache_v[batch.token_slots, batch.positions] = v
@@ -103,5 +107,5 @@ def attention(x: torch.Tensor, w: AttentionWeights, batch: StepBatch, cos: torch
         queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=batch.mask, scale=hd**-0.5, enable_gqa=True,
     )  # [B, H, Qmax, hd]
-    out = out.transpose(1, 2).reshape(-1, cfg.num_attention_heads * hd)[batch.unpad_index]  # [T, H*hd]
-    return F.linear(out, w.wo)
+    out = out.transpose(1, 2).reshape(-1, h * hd)[batch.unpad_index]  # [T, H*hd]
+    return w.wo(out)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from expertmesh.model.attention import AttentionWeights, KVCache, Rotary, attention, rms_norm
 from expertmesh.model.batch import StepBatch
 from expertmesh.model.config import ModelConfig
+from expertmesh.model.linear import Linear
 from expertmesh.model.moe import MoE
 
 
@@ -26,10 +27,10 @@ class DecoderStack:
 
     def __init__(self, cfg: ModelConfig, layers: dict[int, AttentionWeights], moe: MoE, cache: KVCache,
                  embed: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-                 lm_head: torch.Tensor | None = None):
+                 lm_head: Linear | None = None):
         self.cfg, self.layers, self.moe, self.cache = cfg, dict(sorted(layers.items())), moe, cache
         self.embed, self.norm, self.lm_head = embed, norm, lm_head
-        any_weight = next(iter(self.layers.values())).wq
+        any_weight = next(iter(self.layers.values())).input_norm
         self.dtype, self.device = any_weight.dtype, any_weight.device
         self.rotary = Rotary(cfg, self.device)
 
@@ -58,5 +59,5 @@ class DecoderStack:
             return h
         if not all_logits:
             h = h[batch.last_index]  # only the last token of each sequence is sampled from
-        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        return self.lm_head(rms_norm(h, self.norm, self.cfg.rms_norm_eps)).float()
 

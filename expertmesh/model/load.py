@@ -13,6 +13,7 @@ import torch
 from expertmesh.checkpoint import CheckpointReader, Ownership, attention_names, expert_names, gate_name
 from expertmesh.model.attention import AttentionWeights, KVCache
 from expertmesh.model.decoder import DecoderStack
+from expertmesh.model.linear import Linear
 from expertmesh.model.moe import ExpertGroup, MoE, Router
 
 
@@ -23,13 +24,13 @@ def load_decoder_stack(reader: CheckpointReader, layers: Sequence[int], moe: MoE
     layers = list(layers)
     own = Ownership(layers=tuple(layers), embed=layers[0] == 0, head=layers[-1] == cfg.num_hidden_layers - 1)
     t = reader.read(own.names(cfg), dtype=dtype, device=device)
-    weights = {n: AttentionWeights(**{role: t[name] for role, name in attention_names(n).items()})
+    weights = {n: AttentionWeights.from_checkpoint({role: t.pop(name) for role, name in attention_names(n).items()})
                for n in layers}
     cache = KVCache(layers, num_slots, max_len, cfg, dtype, device)
     embed = t.get("model.embed_tokens.weight") if own.embed else None
     lm_head = None
     if own.head:
-        lm_head = t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"]
+        lm_head = Linear(t["model.embed_tokens.weight"] if cfg.tie_word_embeddings else t["lm_head.weight"])
     return DecoderStack(cfg, weights, moe, cache, embed=embed, norm=t.get("model.norm.weight"), lm_head=lm_head)
 
 
@@ -43,8 +44,8 @@ def load_expert_group(reader: CheckpointReader, experts: Sequence[int], dtype: t
     w13, w2 = {}, {}
     for n in layers:
         names = [expert_names(n, e) for e in experts]  # (w1, w2, w3) per expert
-        w13[n] = torch.stack([torch.cat((t[w1_], t[w3_]), dim=0) for w1_, _, w3_ in names])  # [E_g, 2I, D]
-        w2[n] = torch.stack([t[w2_] for _, w2_, _ in names])  # [E_g, D, I]
+        w13[n] = [Linear(torch.cat((t.pop(a), t.pop(c)), dim=0)) for a, _, c in names]  # [2I, D] each
+        w2[n] = [Linear(t.pop(b)) for _, b, _ in names]  # [D, I] each
     return ExpertGroup(experts, w13, w2)
 
 

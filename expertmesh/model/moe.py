@@ -21,6 +21,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from expertmesh.model.linear import Linear
+
 
 class MoE(Protocol):
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -83,11 +85,12 @@ def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: to
 class ExpertGroup:
     """Local SwiGLU experts of one group, for every layer it serves: w2(silu(w1 x) * w3 x).
 
-    Weights are stacked per layer as in the fused-MoE contract: w13 [E_g, 2I, D] (w1 then w3) and
-    w2 [E_g, D, I], so one matmul computes gate and up projections together.
+    Per layer and owned expert: w13 [2I, D] (w1 then w3, so one matmul computes the gate and up
+    projections together) and w2 [D, I].
     """
 
-    def __init__(self, experts: Sequence[int], w13: Mapping[int, torch.Tensor], w2: Mapping[int, torch.Tensor]):
+    def __init__(self, experts: Sequence[int], w13: Mapping[int, Sequence[Linear]],
+                 w2: Mapping[int, Sequence[Linear]]):
         self.experts = tuple(experts)
         self.w13, self.w2 = dict(w13), dict(w2)
         self._local = {e: i for i, e in enumerate(self.experts)}
@@ -107,8 +110,8 @@ class ExpertGroup:
                 raise ValueError(f"expert {expert} is not owned by this group (owns {self.experts})")
             e = self._local[expert]
             rows = slice(begin, begin + count)
-            gate, up = F.linear(x[rows], self.w13[layer][e]).chunk(2, dim=-1)  # [n, I] each
-            out[rows] = F.linear(F.silu(gate) * up, self.w2[layer][e])
+            gate, up = self.w13[layer][e](x[rows]).chunk(2, dim=-1)  # [n, I] each
+            out[rows] = self.w2[layer][e](F.silu(gate) * up)
             begin += count
         return out
 
