@@ -30,12 +30,27 @@ class MoE(Protocol):
         ...
 
 
+class Pending(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
 class Experts(Protocol):
     experts: tuple[int, ...]
 
-    def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x: [N, D] rows sorted by expert, expert_ids: [N] -> [N, D], row n through expert_ids[n]."""
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> Pending:
+        """Start x: [N, D] rows sorted by expert, expert_ids: [N] through their experts; `.result()`
+        is [N, D]. Submitting to every group before waiting on any lets remote groups run concurrently."""
         ...
+
+
+class Done:
+    """An already computed result (local experts run when submitted)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def result(self) -> torch.Tensor:
+        return self.value
 
 
 def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,15 +114,18 @@ class ExpertGroup:
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.w13))
 
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> Done:
+        return Done(self(layer, x, expert_ids))
+
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         if layer not in self.w13:
-            raise ValueError(f"layer {layer} is not served by this expert group")
+            raise ValueError(f"layer: {layer} is not served by this expert group")
         out = torch.empty_like(x)
         ids, counts = torch.unique_consecutive(expert_ids, return_counts=True)
         begin = 0
         for expert, count in zip(ids.tolist(), counts.tolist()):
             if expert not in self._local:
-                raise ValueError(f"expert {expert} is not owned by this group (owns {self.experts})")
+                raise ValueError(f"expert_ids: expert {expert} is not owned by this group (owns {self.experts})")
             e = self._local[expert]
             rows = slice(begin, begin + count)
             gate, up = self.w13[layer][e](x[rows]).chunk(2, dim=-1)  # [n, I] each
@@ -133,10 +151,6 @@ class Router:
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gates[layer], self.top_k)
         dispatch = plan_dispatch(weights, experts, self.group_of_expert.to(x.device), len(self.groups))
-        outputs = []
-        for group, rows in zip(self.groups, dispatch.rows):
-            if rows.numel() == 0:
-                outputs.append(None)
-                continue
-            outputs.append(group(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]))
-        return combine(dispatch, outputs, x)
+        pending = [group.submit(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]) if rows.numel() else None
+                   for group, rows in zip(self.groups, dispatch.rows)]  # all groups start before any wait
+        return combine(dispatch, [p.result() if p else None for p in pending], x)

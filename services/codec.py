@@ -1,0 +1,51 @@
+"""The one tensor codec: torch tensor <-> `expertmesh.v1.Tensor` (raw bytes + dtype + shape).
+
+No per-element protobuf fields and no pickle: the bytes are the tensor's memory, little-endian, C order.
+Decoding checks everything a peer could get wrong (dtype, byte count, rank, sizes) and raises
+`ValueError` naming the field, which the servicers map to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from expertmesh.v1 import tensor_pb2
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts need a byte swap"
+
+
+def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
+    """Tensor -> message. The tensor is moved to CPU memory if it is not there."""
+    if t.dtype not in _NAMES:
+        raise ValueError(f"dtype {t.dtype} has no wire encoding")
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return tensor_pb2.Tensor(dtype=_NAMES[t.dtype], shape=list(t.shape), data=flat.view(torch.uint8).numpy().tobytes())
+
+
+def decode(msg: tensor_pb2.Tensor, field: str, dtype: torch.dtype | None = None,
+           shape: tuple[int | None, ...] | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Message -> tensor, checked. `shape` entries of None accept any size in that dimension."""
+    if msg.dtype not in DTYPES:
+        raise ValueError(f"{field}: unknown dtype {msg.dtype!r} (expected one of {sorted(DTYPES)})")
+    got = DTYPES[msg.dtype]
+    if dtype is not None and got != dtype:
+        raise ValueError(f"{field}: dtype {msg.dtype} where {_NAMES[dtype]} is expected")
+    dims = tuple(msg.shape)
+    if shape is not None:
+        if len(dims) != len(shape) or any(w is not None and w != d for d, w in zip(dims, shape)):
+            want = tuple("*" if w is None else w for w in shape)
+            raise ValueError(f"{field}: shape {dims} where {want} is expected")
+    itemsize = torch.empty((), dtype=got).element_size()
+    if len(msg.data) != math.prod(dims) * itemsize:
+        raise ValueError(f"{field}: {len(msg.data)} bytes for shape {dims} of {msg.dtype} "
+                         f"({math.prod(dims) * itemsize} expected)")
+    if not msg.data:
+        return torch.empty(dims, dtype=got, device=device)
+    # bytearray: one copy into writable memory that the tensor then owns
+    return torch.frombuffer(bytearray(msg.data), dtype=got).reshape(dims).to(device)

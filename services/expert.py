@@ -1,0 +1,79 @@
+"""ExpertService: one expert group served over gRPC, and the router's client for it.
+
+The server wraps a local `ExpertGroup`; the client implements the same `Experts` protocol, so the
+router cannot tell a remote group from a local one. One Forward call carries every row of one layer
+that this group owns, for the whole step.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+import torch
+
+from expertmesh.model.moe import ExpertGroup
+from expertmesh.services import codec
+from expertmesh.services.errors import ErrorMappingInterceptor
+from expertmesh.v1 import expert_pb2, expert_pb2_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
+    """Protobuf in -> checked tensors -> the group -> protobuf out."""
+
+    def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu"):
+        self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
+
+    def Forward(self, request, context):
+        x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
+        ids = codec.decode(request.expert_ids, "expert_ids", torch.int64, (x.shape[0],), self.device)
+        with torch.inference_mode():
+            y = self.group(request.layer, x, ids)
+        return expert_pb2.ExpertForwardResponse(hidden=codec.encode(y))
+
+    def Describe(self, request, context):
+        return expert_pb2.DescribeExpertsResponse(experts=self.group.experts, layers=self.group.layers)
+
+
+def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0", workers: int = 4,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """Start a server for one expert group; returns it and the port it bound."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
+    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    return server, port
+
+
+class _PendingCall:
+    def __init__(self, future: grpc.Future, device):
+        self.future, self.device = future, device
+
+    def result(self) -> torch.Tensor:
+        return codec.decode(self.future.result().hidden, "hidden", device=self.device)
+
+
+class ExpertClient:
+    """A remote expert group, as the router sees it (`Experts` protocol)."""
+
+    def __init__(self, address: str, experts: tuple[int, ...], timeout_s: float = 30.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu"):
+        self.address, self.experts, self.timeout_s, self.device = address, tuple(experts), timeout_s, device
+        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+
+    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> _PendingCall:
+        request = expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
+                                                  expert_ids=codec.encode(expert_ids))
+        return _PendingCall(self.stub.Forward.future(request, timeout=self.timeout_s), self.device)
+
+    def close(self) -> None:
+        self.channel.close()
