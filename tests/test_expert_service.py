@@ -102,3 +102,32 @@ def test_codec_round_trips_every_dtype():
         t = (torch.randn(4, 3) * 100).to(dtype)
         assert torch.equal(codec.decode(codec.encode(t), "t", dtype, (4, None)), t)
     assert codec.decode(codec.encode(torch.empty(0, 5)), "t").shape == (0, 5)
+
+
+def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_servers):
+    """The full data path across processes' interfaces: attention -> RouterService -> ExpertServices."""
+    from expertmesh.services.router import RouterClient, RouterServicer, serve_router
+
+    reader = CheckpointReader(tiny_ckpt)
+    cfg = reader.config
+    clients = [ExpertClient(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
+    router = Router(load_gates(reader, range(cfg.num_hidden_layers), torch.float32), cfg.num_experts_per_tok,
+                    clients, cfg.num_local_experts)
+    server, port = serve_router(RouterServicer(router, cfg.hidden_size, torch.float32))
+    try:
+        moe = RouterClient(f"127.0.0.1:{port}")
+        remote = load_decoder_stack(reader, range(cfg.num_hidden_layers), moe, 3, 64, torch.float32)
+        local = load_local_model(reader, 3, 64, torch.float32)
+        prompts = make_prompts([4, 11, 7], seed=5)
+        remote_tokens, remote_logits = our_greedy(remote, prompts, 6)
+        local_tokens, local_logits = our_greedy(local, prompts, 6)
+        assert remote_tokens == local_tokens and torch.equal(remote_logits, local_logits)
+        with pytest.raises(grpc.RpcError) as err:
+            moe(9, torch.zeros(2, cfg.hidden_size))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert moe(0, torch.zeros(2, cfg.hidden_size)).shape == (2, cfg.hidden_size)  # still serving
+        moe.close()
+    finally:
+        server.stop(grace=None)
+        for c in clients:
+            c.close()
