@@ -123,6 +123,19 @@ class Ownership:
         return out
 
 
+def split_range(n: int, parts: int, what: str) -> list[tuple[int, ...]]:
+    """Contiguous, near-equal ownership of range(n): 8 experts in 3 groups -> (0,1,2) (3,4,5) (6,7)."""
+    if not 1 <= parts <= n:
+        raise ValueError(f"{what} must be between 1 and {n}, got {parts}")
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for k in range(parts):
+        size = base + (k < extra)
+        out.append(tuple(range(start, start + size)))
+        start += size
+    return out
+
+
 class CheckpointReader:
     """Reads named tensors from a checkpoint directory, strictly.
 

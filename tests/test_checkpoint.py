@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 import expertmesh.checkpoint as checkpoint
 from expertmesh.checkpoint import CheckpointError, CheckpointReader, expected_shapes
 from expertmesh.model.config import ModelConfig
-from expertmesh.model.load import load_expert_group, load_local_model, split_experts
+from expertmesh.checkpoint import split_range
+from expertmesh.model.load import load_expert_group, load_local_model
 from expertmesh.presets import PRESETS, random_weights
 
 
@@ -141,8 +142,8 @@ def test_truncated_file_is_an_error_naming_the_file(tiny_ckpt, tmp_path):
         load_local_model(CheckpointReader(ckpt), num_slots=1, max_len=8, dtype=torch.float32)
 
 
-def test_split_experts():
-    assert split_experts(8, 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
-    assert split_experts(8, 8) == [(e,) for e in range(8)]
+def test_split_range():
+    assert split_range(8, 3, "expert_groups") == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert split_range(8, 8, "expert_groups") == [(e,) for e in range(8)]
     with pytest.raises(ValueError, match="expert_groups"):
-        split_experts(8, 9)
+        split_range(8, 9, "expert_groups")

@@ -9,7 +9,8 @@ import torch
 
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.model.batch import StepBatch
-from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates, load_local_model, split_experts
+from expertmesh.checkpoint import split_range
+from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates, load_local_model
 from expertmesh.model.moe import Router
 from expertmesh.services import codec
 from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
@@ -32,7 +33,7 @@ def expert_servers(tiny_ckpt):
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
     servers = []
-    for experts in split_experts(cfg.num_local_experts, 4):
+    for experts in split_range(cfg.num_local_experts, 4, "expert_groups"):
         servicer = CountingServicer(load_expert_group(reader, experts, torch.float32), cfg.hidden_size, torch.float32)
         server, port = serve_experts(servicer)
         servers.append((experts, servicer, server, port))

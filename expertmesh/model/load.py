@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from expertmesh.checkpoint import CheckpointReader, Ownership, attention_names, expert_names, gate_name
+from expertmesh.checkpoint import CheckpointReader, Ownership, attention_names, expert_names, gate_name, split_range
 from expertmesh.model.attention import AttentionWeights, KVCache
 from expertmesh.model.decoder import DecoderStack
 from expertmesh.model.linear import Linear
@@ -62,20 +62,8 @@ def load_local_model(reader: CheckpointReader, num_slots: int, max_len: int, dty
     cfg = reader.config
     every = range(cfg.num_hidden_layers)
     groups = [load_expert_group(reader, experts, dtype, device)
-              for experts in split_experts(cfg.num_local_experts, num_groups)]
+              for experts in split_range(cfg.num_local_experts, num_groups, "expert_groups")]
     router = Router(load_gates(reader, every, dtype, device), cfg.num_experts_per_tok, groups,
                     cfg.num_local_experts)
     return load_decoder_stack(reader, every, router, num_slots, max_len, dtype, device)
 
-
-def split_experts(num_experts: int, num_groups: int) -> list[tuple[int, ...]]:
-    """Contiguous, near-equal expert groups: 8 experts in 3 groups -> (0,1,2) (3,4,5) (6,7)."""
-    if not 1 <= num_groups <= num_experts:
-        raise ValueError(f"expert_groups must be between 1 and {num_experts}, got {num_groups}")
-    base, extra = divmod(num_experts, num_groups)
-    out, start = [], 0
-    for g in range(num_groups):
-        size = base + (g < extra)
-        out.append(tuple(range(start, start + size)))
-        start += size
-    return out

@@ -1,0 +1,54 @@
+"""Placement planning, pure: how a model is cut into attention shards and expert groups, and what
+each asks Ray for.
+
+Attention shards own contiguous layer ranges (the first embeds tokens, the last owns the LM head);
+expert groups own expert ids across every layer (expert parallelism). With CUDA each component asks
+for its own GPU share (`num_gpus`, fractions allowed); on CPU it asks for none. Optional custom
+resources ("attention", "expert" node labels) pin each kind to its node pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from expertmesh.checkpoint import split_range
+from expertmesh.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One Ray actor to start: what it owns and the resources it requests."""
+
+    name: str
+    layers: tuple[int, ...] = ()
+    experts: tuple[int, ...] = ()
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    shards: tuple[ComponentPlan, ...]
+    groups: tuple[ComponentPlan, ...]
+
+
+def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int = 1, device: str = "cpu",
+                 gpus_per_shard: float = 1.0, gpus_per_group: float = 1.0, num_cpus: float = 1.0,
+                 attention_resource: str | None = None, expert_resource: str | None = None) -> ClusterPlan:
+    """The actors of a cluster for `cfg`. GPU shares apply only with device "cuda"."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    for name, share in (("gpus_per_shard", gpus_per_shard), ("gpus_per_group", gpus_per_group)):
+        if device == "cuda" and not 0 < share <= 8:
+            raise ValueError(f"{name} must be in (0, 8], got {share}")
+    cuda = device == "cuda"
+    shards = tuple(
+        ComponentPlan(f"attention-{k}", layers=layers, num_gpus=gpus_per_shard if cuda else 0.0, num_cpus=num_cpus,
+                      resources={attention_resource: 0.001} if attention_resource else {})
+        for k, layers in enumerate(split_range(cfg.num_hidden_layers, attention_shards, "attention_shards")))
+    groups = tuple(
+        ComponentPlan(f"experts-{g}", experts=experts, num_gpus=gpus_per_group if cuda else 0.0, num_cpus=num_cpus,
+                      resources={expert_resource: 0.001} if expert_resource else {})
+        for g, experts in enumerate(split_range(cfg.num_local_experts, expert_groups, "expert_groups")))
+    return ClusterPlan(shards, groups)
