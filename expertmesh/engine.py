@@ -20,7 +20,7 @@ from expertmesh.model.batch import StepBatch
 from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import DecoderStack
 from expertmesh.model.load import load_local_model
-from expertmesh.sampling import SamplingParams, make_generator, sample
+from expertmesh.sampling import Sampler, SamplingParams
 from expertmesh.scheduler import Scheduler, Sequence, StepPlan
 from expertmesh.stopping import StopMatcher
 from expertmesh.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -72,7 +72,7 @@ class LocalRunner:
 
     def __init__(self, stack: DecoderStack):
         self.stack = stack
-        self.generators: dict[str, torch.Generator | None] = {}
+        self.sampler = Sampler(stack.device)
 
     def run(self, plan: StepPlan) -> list[int]:
         batch = StepBatch.build(plan.slots, plan.starts, plan.q_lens, self.stack.cfg.sliding_window,
@@ -82,16 +82,10 @@ class LocalRunner:
         if not rows:
             return []
         seqs = [plan.seqs[i] for i in rows]
-        gens = [self._generator(s) for s in seqs]
-        return sample(logits[rows], [s.params for s in seqs], gens).tolist()
-
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.request_id not in self.generators:
-            self.generators[seq.request_id] = make_generator(seq.params, self.stack.device)
-        return self.generators[seq.request_id]
+        return self.sampler(logits[rows], [s.request_id for s in seqs], [s.params for s in seqs])
 
     def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
+        self.sampler.release(request_id)
 
 
 class _TextState:

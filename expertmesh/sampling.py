@@ -159,3 +159,27 @@ def sample(
             probs = next_token_probs(logits[b], params[b])  # [V]
             out[b] = torch.multinomial(probs, 1, generator=generators[b])[0]
     return out
+
+
+class Sampler:
+    """Samples for many requests over their lifetimes, keeping each request's generator.
+
+    Lives wherever logits are made (the engine's process, or the cluster's last attention shard).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def __call__(self, logits: torch.Tensor, request_ids: Sequence[str],
+                 params: Sequence[SamplingParams]) -> list[int]:
+        """logits: [B, V] -> next id of each row; row b belongs to request_ids[b]."""
+        gens = []
+        for rid, p in zip(request_ids, params):
+            if rid not in self.generators:
+                self.generators[rid] = make_generator(p, self.device)
+            gens.append(self.generators[rid])
+        return sample(logits, params, gens).tolist()
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)

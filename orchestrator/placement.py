@@ -23,7 +23,7 @@ class ComponentPlan:
     layers: tuple[int, ...] = ()
     experts: tuple[int, ...] = ()
     num_gpus: float = 0.0
-    num_cpus: float = 1.0
+    num_cpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
 
 
@@ -34,21 +34,30 @@ class ClusterPlan:
 
 
 def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int = 1, device: str = "cpu",
-                 gpus_per_shard: float = 1.0, gpus_per_group: float = 1.0, num_cpus: float = 1.0,
+                 gpus_per_shard: float | None = None, gpus_per_group: float | None = None, num_cpus: float = 0.0,
                  attention_resource: str | None = None, expert_resource: str | None = None) -> ClusterPlan:
-    """The actors of a cluster for `cfg`. GPU shares apply only with device "cuda"."""
+    """The actors of a cluster for `cfg`.
+
+    GPU shares default to one whole GPU per component with device "cuda" and none on CPU; given
+    explicitly they are requested from Ray whatever the device (a CPU test cluster can declare GPUs
+    to exercise placement). `num_cpus` is what each actor reserves (0: actors share the node's cores).
+    """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    default = 1.0 if device == "cuda" else 0.0
+    gpus_per_shard = default if gpus_per_shard is None else gpus_per_shard
+    gpus_per_group = default if gpus_per_group is None else gpus_per_group
     for name, share in (("gpus_per_shard", gpus_per_shard), ("gpus_per_group", gpus_per_group)):
-        if device == "cuda" and not 0 < share <= 8:
-            raise ValueError(f"{name} must be in (0, 8], got {share}")
-    cuda = device == "cuda"
+        if not 0 <= share <= 8 or (device == "cuda" and share == 0):
+            raise ValueError(f"{name} must be in {'(0' if device == 'cuda' else '[0'}, 8], got {share}")
+    if num_cpus < 0:
+        raise ValueError(f"num_cpus must be >= 0, got {num_cpus}")
     shards = tuple(
-        ComponentPlan(f"attention-{k}", layers=layers, num_gpus=gpus_per_shard if cuda else 0.0, num_cpus=num_cpus,
+        ComponentPlan(f"attention-{k}", layers=layers, num_gpus=gpus_per_shard, num_cpus=num_cpus,
                       resources={attention_resource: 0.001} if attention_resource else {})
         for k, layers in enumerate(split_range(cfg.num_hidden_layers, attention_shards, "attention_shards")))
     groups = tuple(
-        ComponentPlan(f"experts-{g}", experts=experts, num_gpus=gpus_per_group if cuda else 0.0, num_cpus=num_cpus,
+        ComponentPlan(f"experts-{g}", experts=experts, num_gpus=gpus_per_group, num_cpus=num_cpus,
                       resources={expert_resource: 0.001} if expert_resource else {})
         for g, experts in enumerate(split_range(cfg.num_local_experts, expert_groups, "expert_groups")))
     return ClusterPlan(shards, groups)

@@ -52,3 +52,20 @@ def hf_ckpt(tmp_path_factory):
     model.save_pretrained(out)
     shutil.copyfile(mixtral_tokenizer_path(), out / "tokenizer.model")
     return out
+
+
+DECLARED_GPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session, on loopback only, declaring GPUs that do not
+    exist so placement by GPU id can be checked on a CPU machine."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray = pytest.importorskip("ray")
+    ctx = ray.init(num_cpus=4, num_gpus=DECLARED_GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
+                   log_to_driver=False, configure_logging=False)
+    yield ctx
+    ray.shutdown()

@@ -20,5 +20,6 @@ tensor_pb2 = grpc.protos("expertmesh/v1/tensor.proto")
 expert_pb2, expert_pb2_grpc = grpc.protos_and_services("expertmesh/v1/expert.proto")
 router_pb2, router_pb2_grpc = grpc.protos_and_services("expertmesh/v1/router.proto")
 generate_pb2, generate_pb2_grpc = grpc.protos_and_services("expertmesh/v1/generate.proto")
+attention_pb2, attention_pb2_grpc = grpc.protos_and_services("expertmesh/v1/attention.proto")
 
 PROTO_FILES = tuple(sorted(str(p) for p in Path(__file__).resolve().parent.glob("*.proto")))

@@ -1,0 +1,120 @@
+"""The cluster's components as plain Python classes; `cluster.py` makes them Ray actors.
+
+Each loads only the tensors it owns, starts its gRPC server on its node's address (port chosen by the
+OS) and reports where it listens. They are testable without Ray: construct one and call it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.checkpoint import CheckpointReader
+from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates
+from expertmesh.model.moe import Router
+from expertmesh.presets import DTYPES
+from expertmesh.services.attention import AttentionServicer, serve_attention
+from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
+from expertmesh.services.router import RouterClient, RouterServicer, serve_router
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How every component computes: device, dtype and CPU threads."""
+
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on CUDA
+    threads: int = 0  # torch CPU threads per component; 0 = torch's default
+    host: str = "127.0.0.1"  # where servers listen; the node's address in a multi-node cluster
+    call_timeout_s: float = 30.0
+
+    def torch_dtype(self, reader: CheckpointReader) -> torch.dtype:
+        if self.dtype:
+            return DTYPES[self.dtype]
+        return torch.float32 if self.device == "cpu" else reader.stored_dtype()
+
+    def torch_device(self) -> str:
+        return "cuda" if self.device == "cuda" else "cpu"  # Ray's CUDA_VISIBLE_DEVICES makes it our GPU
+
+
+def _setup(options: RuntimeOptions) -> None:
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+
+def node_info() -> dict:
+    """Where this component runs: pid, and with Ray, the node id and GPU ids."""
+    info = {"pid": os.getpid(), "node_id": "local", "gpu_ids": []}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info.update(node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
+    except ImportError:
+        pass
+    return info
+
+
+class ExpertGroupComponent:
+    """Serves experts `experts` of every layer over gRPC."""
+
+    def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions):
+        _setup(options)
+        reader = CheckpointReader(checkpoint)
+        dtype = options.torch_dtype(reader)
+        group = load_expert_group(reader, experts, dtype, options.torch_device())
+        servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device())
+        self.server, port = serve_experts(servicer, f"{options.host}:0")
+        self.experts, self._address = tuple(experts), f"{options.host}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> dict:
+        return {**node_info(), "experts": list(self.experts), "address": self._address}
+
+
+class RouterComponent:
+    """Serves the gates of `layers` and fans out to the expert groups at `groups` [(address, experts)]."""
+
+    def __init__(self, checkpoint: str, layers: tuple[int, ...], groups: list[tuple[str, tuple[int, ...]]],
+                 options: RuntimeOptions):
+        _setup(options)
+        reader = CheckpointReader(checkpoint)
+        cfg, dtype = reader.config, options.torch_dtype(reader)
+        clients = [ExpertClient(addr, experts, options.call_timeout_s, device=options.torch_device())
+                   for addr, experts in groups]
+        router = Router(load_gates(reader, layers, dtype, options.torch_device()), cfg.num_experts_per_tok,
+                        clients, cfg.num_local_experts)
+        self.server, port = serve_router(RouterServicer(router, cfg.hidden_size, dtype, options.torch_device()),
+                                         f"{options.host}:0")
+        self._address = f"{options.host}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> dict:
+        return {**node_info(), "address": self._address}
+
+
+class AttentionShardComponent:
+    """Serves the attention side of `layers` with a KV cache of `num_slots` x `max_len` positions."""
+
+    def __init__(self, checkpoint: str, layers: tuple[int, ...], router_address: str, num_slots: int,
+                 max_len: int, options: RuntimeOptions):
+        _setup(options)
+        reader = CheckpointReader(checkpoint)
+        moe = RouterClient(router_address, options.call_timeout_s, device=options.torch_device())
+        stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
+                                   options.torch_device())
+        self.server, port = serve_attention(AttentionServicer(stack), f"{options.host}:0")
+        self.layers, self._address = tuple(layers), f"{options.host}:{port}"
+
+    def address(self) -> str:
+        return self._address
+
+    def info(self) -> dict:
+        return {**node_info(), "layers": list(self.layers), "address": self._address}

@@ -1,0 +1,82 @@
+"""Start, describe and stop the cluster's Ray actors for a placement plan.
+
+Order follows the dependencies of the data path: expert groups first (they need nothing), then one
+router per attention shard (it needs the groups' addresses), then the shards (each needs its router).
+Expert groups are restartable by Ray (`max_restarts`) and reload their weights when restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, RouterComponent,
+                                            RuntimeOptions)
+from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan
+from expertmesh.services.attention import ShardChain
+
+log = logging.getLogger(__name__)
+
+
+def _actor(cls, plan: ComponentPlan, max_restarts: int = 0):
+    return ray.remote(cls).options(
+        name=None, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources or None,
+        max_restarts=max_restarts, max_task_retries=0,
+    )
+
+
+@dataclass
+class Cluster:
+    """The running actors of one model. `runner()` is the gateway's StepRunner over them."""
+
+    checkpoint: str
+    plan: ClusterPlan
+    options: RuntimeOptions
+    num_slots: int
+    max_len: int
+    start_timeout_s: float = 300.0
+    expert_restarts: int = 3
+    groups: list = field(default_factory=list)
+    routers: list = field(default_factory=list)
+    shards: list = field(default_factory=list)
+
+    def start(self) -> Cluster:
+        """Create every actor and wait until each has loaded its weights and is listening."""
+        try:
+            self.groups = [_actor(ExpertGroupComponent, g, self.expert_restarts).remote(
+                self.checkpoint, g.experts, self.options) for g in self.plan.groups]
+            group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
+            members = [(addr, g.experts) for addr, g in zip(group_addrs, self.plan.groups)]
+            self.routers = [_actor(RouterComponent, s).remote(self.checkpoint, s.layers, members, self.options)
+                            for s in self.plan.shards]
+            router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
+            self.shards = [_actor(AttentionShardComponent, s).remote(
+                self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options)
+                for s, addr in zip(self.plan.shards, router_addrs)]
+            self.shard_addresses = ray.get([a.address.remote() for a in self.shards], timeout=self.start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("cluster up: %d attention shards, %d expert groups", len(self.shards), len(self.groups))
+        return self
+
+    def runner(self, timeout_s: float | None = None) -> ShardChain:
+        return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s)
+
+    def describe(self) -> dict:
+        """Where every component runs: {"groups": [...], "routers": [...], "shards": [...]} of info dicts."""
+        def infos(actors):
+            return ray.get([a.info.remote() for a in actors], timeout=30)
+
+        return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
+
+    def shutdown(self) -> None:
+        """Kill every actor this cluster started (no restart)."""
+        for actor in (*self.shards, *self.routers, *self.groups):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                log.debug("actor already gone", exc_info=True)
+        self.groups, self.routers, self.shards = [], [], []

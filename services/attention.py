@@ -1,0 +1,130 @@
+"""AttentionService: one attention shard (a layer range with its KV cache), and the gateway's chain
+of shard clients that runs a whole step (`ShardChain`, an engine `StepRunner`).
+
+Per step only token ids (into the first shard), the step's hidden states (between shards) and the
+sampled ids (out of the last) travel. Inside a shard every layer calls its MoE (the router) once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent import futures
+
+import grpc
+import torch
+
+from expertmesh.model.batch import StepBatch
+from expertmesh.model.decoder import DecoderStack
+from expertmesh.sampling import Sampler, SamplingParams
+from expertmesh.scheduler import StepPlan
+from expertmesh.services import codec
+from expertmesh.services.errors import ErrorMappingInterceptor
+from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from expertmesh.v1 import attention_pb2, attention_pb2_grpc, generate_pb2
+
+
+def sampling_to_pb(p: SamplingParams) -> generate_pb2.SamplingParams:
+    """The fields the last shard needs to sample (stopping is the gateway's business)."""
+    pb = generate_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+    if p.seed is not None:
+        pb.seed = p.seed
+    return pb
+
+
+def sampling_from_pb(pb: generate_pb2.SamplingParams) -> SamplingParams:
+    params = SamplingParams(temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p or 1.0,
+                            seed=pb.seed if pb.HasField("seed") else None)
+    params.validate()
+    return params
+
+
+class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
+    """Protobuf in -> StepBatch and inputs, checked -> the stack -> hidden states or sampled ids."""
+
+    def __init__(self, stack: DecoderStack):
+        self.stack = stack
+        self.sampler = Sampler(stack.device)
+
+    def Step(self, request, context):
+        for rid in request.released:
+            self.sampler.release(rid)
+        batch = self._batch(request.seqs)
+        if self.stack.first:
+            if len(request.token_ids) != batch.num_tokens:
+                raise ValueError(f"token_ids: {len(request.token_ids)} ids for {batch.num_tokens} step tokens")
+            if any(t >= self.stack.cfg.vocab_size for t in request.token_ids):
+                raise ValueError("token_ids: id outside the vocabulary")
+            inputs = torch.tensor(list(request.token_ids), dtype=torch.long, device=self.stack.device)
+        else:
+            inputs = codec.decode(request.hidden, "hidden", self.stack.dtype,
+                                  (batch.num_tokens, self.stack.cfg.hidden_size), self.stack.device)
+        out = self.stack.forward(batch, inputs)
+        if not self.stack.last:
+            return attention_pb2.StepResponse(hidden=codec.encode(out))
+        rows = [i for i, s in enumerate(request.seqs) if s.sample]
+        if not rows:
+            return attention_pb2.StepResponse()
+        seqs = [request.seqs[i] for i in rows]
+        ids = self.sampler(out[rows], [s.request_id for s in seqs], [sampling_from_pb(s.sampling) for s in seqs])
+        return attention_pb2.StepResponse(next_token_ids=ids)
+
+    def _batch(self, seqs: Sequence[attention_pb2.SequenceStep]) -> StepBatch:
+        cache = self.stack.cache
+        if not seqs:
+            raise ValueError("seqs: a step needs at least one sequence")
+        slots = [s.slot for s in seqs]
+        if len(set(slots)) != len(slots) or max(slots) >= cache.num_slots:
+            raise ValueError(f"seqs: slots must be distinct and below {cache.num_slots}")
+        if any(s.q_len < 1 or s.start + s.q_len > cache.max_len for s in seqs):
+            raise ValueError(f"seqs: every q_len must be >= 1 and start + q_len <= {cache.max_len}")
+        return StepBatch.build(slots, [s.start for s in seqs], [s.q_len for s in seqs],
+                               self.stack.cfg.sliding_window, self.stack.device)
+
+    def Describe(self, request, context):
+        return attention_pb2.DescribeShardResponse(layers=list(self.stack.layers), num_slots=self.stack.cache.num_slots,
+                                                   max_len=self.stack.cache.max_len)
+
+
+def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1:0", workers: int = 2,
+                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """Start a shard server; returns it and the port it bound. Steps of one shard never overlap (the
+    gateway runs one step at a time), so two workers suffice: a step and a Describe."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
+    attention_pb2_grpc.add_AttentionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    return server, port
+
+
+class ShardChain:
+    """The attention shards in layer order, as the engine's `StepRunner`."""
+
+    def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.timeout_s = timeout_s
+        self.channels = [grpc.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
+        self.stubs = [attention_pb2_grpc.AttentionServiceStub(c) for c in self.channels]
+        self._released: list[str] = []
+
+    def run(self, plan: StepPlan) -> list[int]:
+        seqs = [attention_pb2.SequenceStep(request_id=s.request_id, slot=s.slot, start=start, q_len=q, sample=smp,
+                                           sampling=sampling_to_pb(s.params))
+                for s, start, q, smp in zip(plan.seqs, plan.starts, plan.q_lens, plan.sample)]
+        reply = self.stubs[0].Step(attention_pb2.StepRequest(seqs=seqs, token_ids=plan.token_ids,
+                                                             released=self._released if len(self.stubs) == 1 else []),
+                                   timeout=self.timeout_s)
+        for stub in self.stubs[1:]:
+            last = stub is self.stubs[-1]
+            reply = stub.Step(attention_pb2.StepRequest(seqs=seqs, hidden=reply.hidden,
+                                                        released=self._released if last else []),
+                              timeout=self.timeout_s)
+        self._released = []
+        return list(reply.next_token_ids)
+
+    def release(self, request_id: str) -> None:
+        self._released.append(request_id)  # told to the last shard with the next step
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()

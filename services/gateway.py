@@ -1,0 +1,235 @@
+"""GenerateService: the public gRPC gateway (`protos/expertmesh/v1/generate.proto`).
+
+    client --GenerateRequest--> GenerateServicer --GenerationRequest--> EngineLoop --> Engine
+    client <--GenerateResponse-- GenerateServicer <--StepOutput-------- EngineLoop <--
+
+Protobuf stops at the servicer: `*_from_pb` / `*_to_pb` convert, the engine loop (`gateway_loop.py`)
+sees only domain types. Servicer methods raise; `ErrorMappingInterceptor` is the one place errors
+become status codes. `start_gateway` serves GenerateService next to the standard `grpc.health.v1`
+service and server reflection, so generic tooling (grpcurl, `shared/tools/api_smoke.py`) can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from expertmesh.engine import Engine, GenerationRequest, StepOutput
+from expertmesh.sampling import SamplingParams
+from expertmesh.services.errors import status_for
+from expertmesh.services.gateway_loop import EngineLoop, EngineUnavailableError
+from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
+# Public requests and responses are token ids and text: a 128k-token prompt or completion is under
+# 128k x (5 B varint + ~16 B text) ~ 2.7 MB. 16 MiB leaves room for longer contexts while bounding
+# what one call can make the server buffer.
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+
+_FINISH_REASONS = {
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "eos": generate_pb2.FINISH_REASON_EOS,
+    "stop": generate_pb2.FINISH_REASON_STOP,
+}
+
+
+@dataclass(frozen=True)
+class ExpertGroupPlacement:
+    """Where one expert group runs: its index, the expert ids it owns (in every layer), node, GPUs."""
+
+    group: int
+    experts: tuple[int, ...]
+    node_id: str
+    gpu_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What GetModelInfo reports: the served model and how its experts are placed."""
+
+    model_name: str
+    vocab_size: int
+    context_length: int
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    attention_shards: int
+    expert_groups: tuple[ExpertGroupPlacement, ...]
+
+    @classmethod
+    def local(cls, engine: Engine, model_name: str) -> ModelInfo:
+        """The single-process default: one attention shard, one group with every expert, node "local"."""
+        cfg = engine.cfg
+        group = ExpertGroupPlacement(0, tuple(range(cfg.num_local_experts)), "local")
+        return cls(model_name, cfg.vocab_size, engine.max_len, cfg.num_hidden_layers, cfg.num_local_experts,
+                   cfg.num_experts_per_tok, 1, (group,))
+
+
+def sampling_from_pb(pb: generate_pb2.SamplingParams) -> SamplingParams:
+    """Proto sampling parameters -> engine ones. Proto top_p 0 or 1 means off (engine 1.0); an
+    unset max_new_tokens is 0 and is rejected by validation, as the contract says."""
+    if not 0.0 <= pb.top_p <= 1.0:  # also false for NaN
+        raise ValueError(f"top_p: must be in [0, 1] (0 or 1 = off), got {pb.top_p}")
+    return SamplingParams(
+        temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p if 0.0 < pb.top_p < 1.0 else 1.0,
+        seed=pb.seed if pb.HasField("seed") else None, max_new_tokens=pb.max_new_tokens, stop=tuple(pb.stop),
+        stop_token_ids=tuple(pb.stop_token_ids), ignore_eos=pb.ignore_eos)
+
+
+def request_from_pb(pb: generate_pb2.GenerateRequest) -> GenerationRequest:
+    """Proto request -> engine request. Empty prompt / ids mean "not given"; the engine checks that
+    exactly one is (its error names `prompt`)."""
+    return GenerationRequest(prompt=pb.prompt or None, prompt_token_ids=tuple(pb.prompt_token_ids) or None,
+                             params=sampling_from_pb(pb.sampling), request_id=pb.request_id)
+
+
+def response_to_pb(out: StepOutput) -> generate_pb2.GenerateResponse:
+    """One output (a stream step, or a whole completion) -> response; finish reason and usage at the end."""
+    response = generate_pb2.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
+    if out.finish_reason is not None:
+        response.finish_reason = _FINISH_REASONS[out.finish_reason]
+        response.usage.prompt_tokens = out.prompt_tokens
+        response.usage.completion_tokens = out.completion_tokens
+    return response
+
+
+def model_info_to_pb(info: ModelInfo) -> generate_pb2.GetModelInfoResponse:
+    groups = [generate_pb2.ExpertGroupPlacement(group=g.group, experts=g.experts, node_id=g.node_id,
+                                                gpu_ids=g.gpu_ids) for g in info.expert_groups]
+    return generate_pb2.GetModelInfoResponse(
+        model_name=info.model_name, vocab_size=info.vocab_size, context_length=info.context_length,
+        num_layers=info.num_layers, num_experts=info.num_experts, experts_per_token=info.experts_per_token,
+        expert_groups=groups, attention_shards=info.attention_shards)
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
+    """Protobuf in -> domain request -> engine loop -> protobuf out. Raises; never sets status codes."""
+
+    def __init__(self, engine_loop: EngineLoop, model_info: ModelInfo):
+        self.engine_loop, self.model_info = engine_loop, model_info
+
+    async def Generate(self, request, context):
+        return response_to_pb(await self.engine_loop.complete(request_from_pb(request)))
+
+    async def GenerateStream(self, request, context):
+        # Leaving the `async with` early (client cancel, deadline) aborts the request in the engine.
+        async with self.engine_loop.generate(request_from_pb(request)) as generation:
+            async for out in generation:
+                yield response_to_pb(out)
+
+    async def Tokenize(self, request, context):
+        return generate_pb2.TokenizeResponse(token_ids=self.engine_loop.engine.tokenizer.encode(request.text))
+
+    async def GetModelInfo(self, request, context):
+        return model_info_to_pb(self.model_info)
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    """`services.errors.status_for`, plus the gateway's own EngineUnavailableError -> UNAVAILABLE."""
+    if isinstance(exc, EngineUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE
+    return status_for(exc)
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    code = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s", method, exc_info=exc)
+    await context.abort(code, str(exc))
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """The one place GenerateService errors become status codes, for unary and streaming methods.
+
+    Health and reflection are left alone (they abort with their own codes)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+        return handler
+
+
+def _guard_unary(behavior, method: str):
+    async def guarded(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
+            await _abort_with(context, method, exc)
+
+    return guarded
+
+
+def _guard_stream(behavior, method: str):
+    async def guarded(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
+            await _abort_with(context, method, exc)
+
+    return guarded
+
+
+class Gateway:
+    """A running gateway: the grpc.aio server, its engine loop and its health service."""
+
+    def __init__(self, server: grpc.aio.Server, engine_loop: EngineLoop, health_servicer: health.aio.HealthServicer):
+        self.server, self.engine_loop, self.health = server, engine_loop, health_servicer
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING (or NOT_SERVING) for the server overall and for GenerateService."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in (health.OVERALL_HEALTH, SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Graceful shutdown: health NOT_SERVING for good, let in-flight requests finish within the
+        grace period (the rest fail UNAVAILABLE), then stop the server."""
+        await self.health.enter_graceful_shutdown()
+        await asyncio.to_thread(self.engine_loop.stop, grace_s)
+        await self.server.stop(grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_gateway(engine_loop_or_engine: EngineLoop | Engine, model_info: ModelInfo,
+                        address: str = "127.0.0.1:0", *, ready: bool = False,
+                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[Gateway, int]:
+    """Start GenerateService, grpc.health.v1 and reflection on `address`; returns the gateway and the
+    bound port (bind port 0 in tests). An Engine is wrapped in a new EngineLoop; the loop is started.
+    Health says SERVING only once `ready` is true or `Gateway.set_serving(True)` is called."""
+    engine_loop = engine_loop_or_engine
+    if isinstance(engine_loop, Engine):
+        engine_loop = EngineLoop(engine_loop)
+    engine_loop.start()
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+                             options=[("grpc.max_send_message_length", max_message_bytes),
+                                      ("grpc.max_receive_message_length", max_message_bytes)])
+    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(engine_loop, model_info), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    gateway = Gateway(server, engine_loop, health_servicer)
+    await gateway.set_serving(ready)
+    await server.start()
+    return gateway, port

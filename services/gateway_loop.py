@@ -1,0 +1,267 @@
+"""The engine loop: one thread owns the `Engine`; asyncio coroutines reach it through queues.
+
+The engine is not thread-safe and `Engine.step()` blocks (it runs the model; in the cluster, remote
+calls to attention shards), so every engine call (add, abort, step) happens on one dedicated thread.
+Coroutines send commands through a thread-safe queue; the thread drains it between steps, which is
+where new requests join the running batch (continuous batching itself is the scheduler's job), and
+hands each step's outputs to the waiting coroutine with `loop.call_soon_threadsafe`. When the engine
+has no work the thread blocks on the queue, so an idle loop costs nothing.
+
+    coroutine --_Add/_Abort/_Stop--> queue.SimpleQueue --> engine thread: add | abort | step
+    coroutine <--StepOutput | error-- asyncio.Queue per request <-- loop.call_soon_threadsafe
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from expertmesh.engine import Engine, GenerationRequest, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot serve the request (a step failed, or the loop is stopping): UNAVAILABLE."""
+
+
+class _Ticket:
+    """One request as both threads see it. The engine thread resolves it; the event loop reads it."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.admitted: asyncio.Future[None] = self.loop.create_future()  # None, or engine.add's error
+        self.outputs: asyncio.Queue[StepOutput | Exception] = asyncio.Queue()
+
+    # Engine-thread side: each call schedules the update on the request's event loop.
+    def admit(self, error: Exception | None) -> None:
+        self._post(_resolve, self.admitted, error)
+
+    def deliver(self, item: StepOutput | Exception) -> bool:
+        """Queue an output (or the error that ends the request); False if its event loop is gone."""
+        return self._post(self.outputs.put_nowait, item)
+
+    def _post(self, fn, *args) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            return False
+
+
+def _resolve(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():  # the caller was cancelled while waiting for admission
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class _Add:
+    ticket: _Ticket
+
+
+@dataclass(frozen=True)
+class _Abort:
+    ticket: _Ticket  # the ticket, not just the id: a rejected duplicate must not abort the original
+
+
+@dataclass(frozen=True)
+class _Stop:
+    grace_s: float
+
+
+class Generation:
+    """One request in flight, as an async context manager and an async iterator of `StepOutput`s.
+
+    Entering adds the request to the engine and raises what `Engine.add` raised (ValueError,
+    QueueFullError) or EngineUnavailableError, before any output. Iterating yields each step's output;
+    the last has `finish_reason` set. Leaving early (cancellation, deadline, error) aborts the request,
+    which frees its KV-cache slot for the next step.
+    """
+
+    def __init__(self, engine_loop: EngineLoop, request: GenerationRequest):
+        self._engine_loop, self._request = engine_loop, request
+        self._ticket: _Ticket | None = None
+        self._finished = False
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    async def __aenter__(self) -> Generation:
+        self._ticket = self._engine_loop._submit(_Add(_Ticket(self._request)))
+        try:
+            await self._ticket.admitted
+        except asyncio.CancelledError:
+            self._engine_loop._submit(_Abort(self._ticket))
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine_loop._submit(_Abort(self._ticket))
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._ticket.outputs.get()
+        if isinstance(item, Exception):
+            self._finished = True
+            raise item
+        self._finished = item.finish_reason is not None
+        return item
+
+
+class EngineLoop:
+    """Runs an `Engine` on its own thread; `generate()` and `complete()` are called from asyncio."""
+
+    def __init__(self, engine: Engine, name: str = "engine-loop"):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Ticket] = {}  # engine thread only: admitted requests by id
+        self._stop_at: float | None = None  # engine thread only: monotonic deadline once stopping
+        self._accepting = True  # guarded by _lock, so that no _Add is queued behind the _Stop
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> EngineLoop:
+        """Start the engine thread (idempotent)."""
+        if not self._thread.is_alive() and self._accepting:
+            self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """`async with loop.generate(request) as gen: async for out in gen: ...` (id assigned if empty)."""
+        return Generation(self, dataclasses.replace(request, request_id=request.request_id or uuid.uuid4().hex))
+
+    async def complete(self, request: GenerationRequest) -> StepOutput:
+        """Run a request to the end; one StepOutput holding every generated id and the whole text."""
+        token_ids, texts, last = [], [], None
+        async with self.generate(request) as generation:
+            async for last in generation:
+                token_ids += last.token_ids
+                texts.append(last.text)
+        return dataclasses.replace(last, token_ids=token_ids, text="".join(texts))
+
+    def stop(self, grace_s: float, join_slack_s: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish within `grace_s`, fail the rest UNAVAILABLE,
+        and end the thread. Blocks until then (a step that hangs gets `join_slack_s` more)."""
+        with self._lock:
+            self._accepting = False
+            if not self._thread.is_alive():
+                return
+            self._commands.put(_Stop(grace_s))
+        self._thread.join(grace_s + join_slack_s)
+        if self._thread.is_alive():
+            log.warning("engine loop did not end within %.1f s of its grace period", join_slack_s)
+
+    def _submit(self, command: _Add | _Abort) -> _Ticket:
+        with self._lock:
+            if isinstance(command, _Add) and not (self._accepting and self._thread.is_alive()):
+                raise EngineUnavailableError("the engine is not accepting requests (stopped or stopping)")
+            self._commands.put(command)
+        return command.ticket
+
+    # ---- everything below runs on the engine thread ----
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # noqa: BLE001 - a bug; logged, and every waiting request is failed below
+            log.exception("engine loop crashed")
+        finally:  # nothing may wait forever on a thread that is gone
+            with self._lock:
+                self._accepting = False
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()
+            for command in self._take(block=False):
+                self._apply(command)  # rejects late adds
+            self._fail_all(EngineUnavailableError("the engine stopped before the request finished"))
+
+    def _serve(self) -> None:
+        while True:
+            idle = not self.engine.scheduler.has_work() and self._stop_at is None
+            for command in self._take(block=idle):
+                self._apply(command)
+            if self._stop_at is not None and (not self.engine.scheduler.has_work()
+                                              or time.monotonic() >= self._stop_at):
+                return
+            if self.engine.scheduler.has_work():
+                self._step()
+
+    def _take(self, block: bool) -> list:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Stop):
+            self._stop_at = time.monotonic() + command.grace_s
+        elif isinstance(command, _Abort):
+            request_id = command.ticket.request.request_id
+            if self._active.get(request_id) is command.ticket:
+                del self._active[request_id]
+                self._abort(request_id)
+        elif self._stop_at is not None:
+            command.ticket.admit(EngineUnavailableError("the engine is stopping"))
+        else:
+            try:
+                self.engine.add(command.ticket.request)
+            except Exception as exc:  # noqa: BLE001 - the caller's coroutine maps it to a status
+                command.ticket.admit(exc)
+                return
+            self._active[command.ticket.request.request_id] = command.ticket
+            command.ticket.admit(None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - e.g. a remote shard failed; the loop lives on
+            log.exception("engine step failed; failing %d requests", len(self._active))
+            self._fail_all(EngineUnavailableError(f"engine step failed: {exc}"))
+            return
+        for out in outputs:
+            ticket = self._active.get(out.request_id)
+            if ticket is None:
+                continue
+            if out.finish_reason is not None:
+                del self._active[out.request_id]
+            if not ticket.deliver(out) and out.finish_reason is None:
+                del self._active[out.request_id]
+                self._abort(out.request_id)
+
+    def _fail_all(self, error: EngineUnavailableError) -> None:
+        """Fail every request, and abort every sequence the scheduler still holds (ours or not)."""
+        for ticket in self._active.values():
+            ticket.deliver(error)
+        self._active.clear()
+        scheduler = self.engine.scheduler
+        for seq in [*scheduler.running, *scheduler.waiting]:
+            self._abort(seq.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - keep the loop alive; the scheduler may hold the slot
+            log.exception("engine.abort(%r) failed", request_id)
