@@ -1,7 +1,9 @@
 """The `expertmesh` command line.
 
     expertmesh init-model --preset tiny --out DIR     write a random-weight Mixtral checkpoint
-    expertmesh generate "PROMPT" [--model DIR]        generate in this process (single-process engine)
+    expertmesh serve [--model DIR] [--port 50051]     start the cluster and its gRPC API
+    expertmesh generate "PROMPT" [--address H:P]      stream a completion from a server
+    expertmesh generate "PROMPT" --local [--model D]  generate in this process (single-process engine)
 
 Without `--model`, commands use the default checkpoint, created once under the user's cache directory.
 """
@@ -62,12 +64,42 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.local:
+        return _generate_local(args)
+    import grpc
+
+    from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+
+    p = _sampling_params(args)
+    sampling = generate_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                           max_new_tokens=p.max_new_tokens, stop=list(p.stop),
+                                           ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        sampling.seed = p.seed
+    with grpc.insecure_channel(args.address) as channel:
+        stub = generate_pb2_grpc.GenerateServiceStub(channel)
+        try:
+            sys.stdout.write(args.prompt)
+            for msg in stub.GenerateStream(generate_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling),
+                                           timeout=args.timeout):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    reason = generate_pb2.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_")
+                    sys.stdout.write(f"\n[finish_reason={reason.lower()} "
+                                     f"completion_tokens={msg.usage.completion_tokens}]\n")
+        except grpc.RpcError as exc:
+            print(f"\nexpertmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _generate_local(args: argparse.Namespace) -> int:
     from expertmesh.engine import Engine, GenerationRequest
 
     model = args.model or default_checkpoint()
     engine = Engine.from_checkpoint(model, max_batch_size=1)
-    request = GenerationRequest(prompt=args.prompt, params=_sampling_params(args))
-    engine.add(request)
+    engine.add(GenerationRequest(prompt=args.prompt, params=_sampling_params(args)))
     sys.stdout.write(args.prompt)
     while engine.scheduler.has_work():
         for out in engine.step():
@@ -76,6 +108,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if out.finish_reason:
                 sys.stdout.write(f"\n[finish_reason={out.finish_reason} completion_tokens={out.completion_tokens}]\n")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from expertmesh.orchestrator.serve import ServeOptions, serve
+
+    opts = ServeOptions(
+        model=str(args.model or default_checkpoint()), host=args.host, port=args.port, ray_address=args.ray_address,
+        attention_shards=args.attention_shards, expert_groups=args.expert_groups, device=args.device,
+        dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
+        attention_resource=args.attention_resource, expert_resource=args.expert_resource,
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
+        threads=args.threads, grace_s=args.grace)
+    return asyncio.run(serve(opts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +138,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-mb", type=int, default=512, help="shard the safetensors past this size")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("generate", help="generate a completion with the single-process engine")
+    p = sub.add_parser("generate", help="stream a completion from a server (or, with --local, in this process)")
     p.add_argument("prompt")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of the call, seconds")
+    p.add_argument("--local", action="store_true", help="run the single-process engine here instead")
+    p.add_argument("--model", help="with --local: checkpoint directory (default: the embedded tiny model)")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="start the cluster on Ray and serve the gRPC Generate API")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, created once)")
+    p.add_argument("--host", default="127.0.0.1", help="address the public API listens on (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=50051, help="0 = any free port (printed)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start an embedded local one)")
+    p.add_argument("--attention-shards", type=int, default=1)
+    p.add_argument("--expert-groups", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, the checkpoint's on cuda")
+    p.add_argument("--gpus-per-shard", type=float, help="GPU share per attention shard (default 1 on cuda)")
+    p.add_argument("--gpus-per-group", type=float, help="GPU share per expert group (default 1 on cuda)")
+    p.add_argument("--attention-resource", help="custom Ray resource that marks attention nodes")
+    p.add_argument("--expert-resource", help="custom Ray resource that marks expert nodes")
+    p.add_argument("--max-batch-size", type=int, default=32, help="KV-cache slots: sequences per step")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context per sequence (capped by the model's)")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per component (0 = default)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -78,7 +78,7 @@ class Scheduler:
         if seq.max_len() > self.max_len:
             raise ValueError(f"max_new_tokens: prompt ({len(seq.prompt_ids)} tokens) + max_new_tokens "
                              f"({seq.params.max_new_tokens}) exceeds the context of {self.max_len} tokens")
-        if len(self.waiting) >= self.max_waiting:
+        if len(self.waiting) - len(self.free_slots) >= self.max_waiting:  # free slots take arrivals at once
             raise QueueFullError(f"{len(self.waiting)} requests already waiting (limit {self.max_waiting})")
         self.waiting.append(seq)
 

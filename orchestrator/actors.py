@@ -27,7 +27,7 @@ class RuntimeOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on CUDA
     threads: int = 0  # torch CPU threads per component; 0 = torch's default
-    host: str = "127.0.0.1"  # where servers listen; the node's address in a multi-node cluster
+    host: str | None = None  # where servers listen; None: this node's address as Ray knows it
     call_timeout_s: float = 30.0
 
     def torch_dtype(self, reader: CheckpointReader) -> torch.dtype:
@@ -39,9 +39,20 @@ class RuntimeOptions:
         return "cuda" if self.device == "cuda" else "cpu"  # Ray's CUDA_VISIBLE_DEVICES makes it our GPU
 
 
-def _setup(options: RuntimeOptions) -> None:
+def _setup(options: RuntimeOptions) -> str:
+    """Per-process settings; returns the host to listen on."""
     if options.threads:
         torch.set_num_threads(options.threads)
+    if options.host:
+        return options.host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
 
 
 def node_info() -> dict:
@@ -62,13 +73,13 @@ class ExpertGroupComponent:
     """Serves experts `experts` of every layer over gRPC."""
 
     def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions):
-        _setup(options)
+        host = _setup(options)
         reader = CheckpointReader(checkpoint)
         dtype = options.torch_dtype(reader)
         group = load_expert_group(reader, experts, dtype, options.torch_device())
         servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device())
-        self.server, port = serve_experts(servicer, f"{options.host}:0")
-        self.experts, self._address = tuple(experts), f"{options.host}:{port}"
+        self.server, port = serve_experts(servicer, f"{host}:0")
+        self.experts, self._address = tuple(experts), f"{host}:{port}"
 
     def address(self) -> str:
         return self._address
@@ -82,7 +93,7 @@ class RouterComponent:
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], groups: list[tuple[str, tuple[int, ...]]],
                  options: RuntimeOptions):
-        _setup(options)
+        host = _setup(options)
         reader = CheckpointReader(checkpoint)
         cfg, dtype = reader.config, options.torch_dtype(reader)
         clients = [ExpertClient(addr, experts, options.call_timeout_s, device=options.torch_device())
@@ -90,8 +101,8 @@ class RouterComponent:
         router = Router(load_gates(reader, layers, dtype, options.torch_device()), cfg.num_experts_per_tok,
                         clients, cfg.num_local_experts)
         self.server, port = serve_router(RouterServicer(router, cfg.hidden_size, dtype, options.torch_device()),
-                                         f"{options.host}:0")
-        self._address = f"{options.host}:{port}"
+                                         f"{host}:0")
+        self._address = f"{host}:{port}"
 
     def address(self) -> str:
         return self._address
@@ -105,13 +116,13 @@ class AttentionShardComponent:
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], router_address: str, num_slots: int,
                  max_len: int, options: RuntimeOptions):
-        _setup(options)
+        host = _setup(options)
         reader = CheckpointReader(checkpoint)
         moe = RouterClient(router_address, options.call_timeout_s, device=options.torch_device())
         stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
                                    options.torch_device())
-        self.server, port = serve_attention(AttentionServicer(stack), f"{options.host}:0")
-        self.layers, self._address = tuple(layers), f"{options.host}:{port}"
+        self.server, port = serve_attention(AttentionServicer(stack), f"{host}:0")
+        self.layers, self._address = tuple(layers), f"{host}:{port}"
 
     def address(self) -> str:
         return self._address

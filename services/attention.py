@@ -15,27 +15,13 @@ import torch
 
 from expertmesh.model.batch import StepBatch
 from expertmesh.model.decoder import DecoderStack
-from expertmesh.sampling import Sampler, SamplingParams
+from expertmesh.sampling import Sampler
 from expertmesh.scheduler import StepPlan
 from expertmesh.services import codec
+from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
 from expertmesh.services.errors import ErrorMappingInterceptor
 from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from expertmesh.v1 import attention_pb2, attention_pb2_grpc, generate_pb2
-
-
-def sampling_to_pb(p: SamplingParams) -> generate_pb2.SamplingParams:
-    """The fields the last shard needs to sample (stopping is the gateway's business)."""
-    pb = generate_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
-    if p.seed is not None:
-        pb.seed = p.seed
-    return pb
-
-
-def sampling_from_pb(pb: generate_pb2.SamplingParams) -> SamplingParams:
-    params = SamplingParams(temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p or 1.0,
-                            seed=pb.seed if pb.HasField("seed") else None)
-    params.validate()
-    return params
+from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.engine import Engine, GenerationRequest, StepOutput
-from expertmesh.sampling import SamplingParams
+from expertmesh.services.convert import sampling_from_pb
 from expertmesh.services.errors import status_for
 from expertmesh.services.gateway_loop import EngineLoop, EngineUnavailableError
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
@@ -71,17 +71,6 @@ class ModelInfo:
         group = ExpertGroupPlacement(0, tuple(range(cfg.num_local_experts)), "local")
         return cls(model_name, cfg.vocab_size, engine.max_len, cfg.num_hidden_layers, cfg.num_local_experts,
                    cfg.num_experts_per_tok, 1, (group,))
-
-
-def sampling_from_pb(pb: generate_pb2.SamplingParams) -> SamplingParams:
-    """Proto sampling parameters -> engine ones. Proto top_p 0 or 1 means off (engine 1.0); an
-    unset max_new_tokens is 0 and is rejected by validation, as the contract says."""
-    if not 0.0 <= pb.top_p <= 1.0:  # also false for NaN
-        raise ValueError(f"top_p: must be in [0, 1] (0 or 1 = off), got {pb.top_p}")
-    return SamplingParams(
-        temperature=pb.temperature, top_k=pb.top_k, top_p=pb.top_p if 0.0 < pb.top_p < 1.0 else 1.0,
-        seed=pb.seed if pb.HasField("seed") else None, max_new_tokens=pb.max_new_tokens, stop=tuple(pb.stop),
-        stop_token_ids=tuple(pb.stop_token_ids), ignore_eos=pb.ignore_eos)
 
 
 def request_from_pb(pb: generate_pb2.GenerateRequest) -> GenerationRequest:

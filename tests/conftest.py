@@ -65,7 +65,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray = pytest.importorskip("ray")
-    ctx = ray.init(num_cpus=4, num_gpus=DECLARED_GPUS, include_dashboard=False, _node_ip_address="127.0.0.1",
-                   log_to_driver=False, configure_logging=False)
+    ctx = ray.init(num_cpus=4, num_gpus=DECLARED_GPUS, include_dashboard=True, dashboard_host="127.0.0.1",
+                   _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     yield ctx
     ray.shutdown()

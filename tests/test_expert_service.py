@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from expertmesh.checkpoint import CheckpointReader
-from expertmesh.model.batch import StepBatch
 from expertmesh.checkpoint import split_range
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates, load_local_model
 from expertmesh.model.moe import Router

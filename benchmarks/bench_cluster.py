@@ -1,0 +1,107 @@
+"""The cluster against the single-process engine, side by side, on the same checkpoint.
+
+Both are driven by the same engine loop (schedule -> run -> postprocess); only the step runner differs:
+the whole model in this process, or the attention shards -> routers -> expert groups on a local Ray
+cluster. At each concurrency C, C requests (random 32-token prompts, 64 new tokens, greedy) start
+together. Reported per side: decode tokens/s (generated tokens after each request's first, over the
+time from the last first-token to the end), time to first token (median), and p50/p99 inter-token
+latency; plus the bytes the cluster moves per generated token per layer.
+
+    python benchmarks/bench_cluster.py --model DIR [--shards 2 --groups 4] [--concurrency 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+
+from expertmesh.engine import Engine, GenerationRequest
+from expertmesh.orchestrator.actors import RuntimeOptions
+from expertmesh.orchestrator.cluster import Cluster
+from expertmesh.orchestrator.placement import plan_cluster
+from expertmesh.presets import write_preset
+from expertmesh.sampling import SamplingParams
+from expertmesh.scheduler import Scheduler
+
+
+def make_requests(n: int, prompt_len: int, new_tokens: int, seed: int = 0) -> list[GenerationRequest]:
+    rng = random.Random(seed)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [GenerationRequest(prompt_token_ids=tuple([1] + [rng.randrange(3, 32000) for _ in range(prompt_len - 1)]),
+                              params=params) for _ in range(n)]
+
+
+def measure(engine: Engine, reqs: list[GenerationRequest]) -> dict:
+    start = time.perf_counter()
+    ids = [engine.add(r) for r in reqs]
+    stamps: dict[str, list[float]] = {i: [] for i in ids}
+    while engine.scheduler.has_work():
+        for out in engine.step():
+            stamps[out.request_id].append(time.perf_counter())
+    end = time.perf_counter()
+    firsts = [s[0] for s in stamps.values()]
+    gaps = sorted(b - a for s in stamps.values() for a, b in zip(s, s[1:]))
+    decode_tokens = sum(len(s) - 1 for s in stamps.values())
+    return {"decode_tps": decode_tokens / (end - max(firsts)) if end > max(firsts) else float("nan"),
+            "ttft": statistics.median(f - start for f in firsts),
+            "itl_p50": gaps[len(gaps) // 2], "itl_p99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per cluster actor (0 = default)")
+    args = parser.parse_args()
+
+    import ray
+
+    model = args.model or tempfile.mkdtemp(prefix="expertmesh-small-")
+    if not args.model:
+        write_preset("small", model)
+    slots, max_len = max(args.concurrency), args.prompt_len + args.new_tokens
+    local = Engine.from_checkpoint(model, max_batch_size=slots, max_seq_len=max_len)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups)
+    cluster = Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len).start()
+    remote = Engine(cluster.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: {args.shards} attention shards x "
+          f"{args.groups} expert groups, router per shard; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"greedy fp32, median of {args.rounds} rounds\n")
+    print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | cluster/engine |")
+    print("|---|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        measure(local, make_requests(c, args.prompt_len, 4)), measure(remote, make_requests(c, args.prompt_len, 4))
+        results = {"engine": [], "cluster": []}
+        for _ in range(args.rounds):
+            results["engine"].append(measure(local, make_requests(c, args.prompt_len, args.new_tokens)))
+            results["cluster"].append(measure(remote, make_requests(c, args.prompt_len, args.new_tokens)))
+        med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in results.items()}
+        for side in ("engine", "cluster"):
+            m = med[side]
+            ratio = f"{med['cluster']['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side == "cluster" else ""
+            print(f"| {c} | {side} | {m['decode_tps']:.1f} | {m['ttft'] * 1e3:.0f} | {m['itl_p50'] * 1e3:.1f} | "
+                  f"{m['itl_p99'] * 1e3:.1f} | {ratio} |", flush=True)
+    d, itemsize, k = local.cfg.hidden_size, 4, local.cfg.num_experts_per_tok
+    # per token and layer: shard -> router (D), router -> groups (k rows), groups -> router (k), router -> shard (D)
+    print(f"\nbytes per generated token per layer on the wire: {(2 + 2 * k) * d * itemsize} "
+          f"(hidden {d} x fp32; shard<->router 2 x D, router<->groups 2 x top-{k} x D), "
+          f"plus {d * itemsize * 2 // local.cfg.num_hidden_layers} per layer amortised between shards")
+    cluster.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`expertmesh serve`: bring the cluster up on Ray, put the gateway in front, serve until told to stop.
+
+Start-up: join or start Ray -> start the actors (each loads only its tensors) -> one warm-up step
+through the whole data path -> gateway listening, health SERVING. SIGTERM or Ctrl-C: health
+NOT_SERVING, in-flight requests finish within the grace period (the rest get UNAVAILABLE), then every
+actor is killed and an embedded Ray is shut down, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from expertmesh.engine import Engine, GenerationRequest
+from expertmesh.model.config import ModelConfig
+from expertmesh.orchestrator.actors import RuntimeOptions
+from expertmesh.orchestrator.cluster import Cluster
+from expertmesh.orchestrator.placement import plan_cluster
+from expertmesh.sampling import SamplingParams
+from expertmesh.scheduler import Scheduler
+from expertmesh.services.gateway import ExpertGroupPlacement, ModelInfo, start_gateway
+from expertmesh.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    ray_address: str | None = None
+    attention_shards: int = 1
+    expert_groups: int = 1
+    device: str = "cpu"
+    dtype: str | None = None
+    gpus_per_shard: float | None = None
+    gpus_per_group: float | None = None
+    attention_resource: str | None = None
+    expert_resource: str | None = None
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    max_waiting: int = 1024
+    threads: int = 0
+    grace_s: float = 10.0
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join `address`, or start an embedded local Ray on loopback. Returns True if embedded."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    return True
+
+
+def model_info(name: str, cfg: ModelConfig, max_len: int, cluster: Cluster) -> ModelInfo:
+    groups = cluster.describe()["groups"]
+    placements = tuple(ExpertGroupPlacement(g, tuple(info["experts"]), info["node_id"], tuple(info["gpu_ids"]))
+                       for g, info in enumerate(groups))
+    return ModelInfo(name, cfg.vocab_size, max_len, cfg.num_hidden_layers, cfg.num_local_experts,
+                     cfg.num_experts_per_tok, len(cluster.shards), placements)
+
+
+def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
+    """Actors up and one warm-up request through every component; blocking."""
+    cfg = ModelConfig.from_checkpoint(opts.model)
+    max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
+    plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
+                        opts.gpus_per_group, attention_resource=opts.attention_resource,
+                        expert_resource=opts.expert_resource)
+    runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None)
+    cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len).start()
+    engine = Engine(cluster.runner(), Tokenizer.from_checkpoint(opts.model), cfg,
+                    Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=max(4096, opts.max_batch_size),
+                              max_waiting=opts.max_waiting))
+    warm = engine.generate([GenerationRequest(prompt_token_ids=(cfg.bos_token_id,),
+                                              params=SamplingParams(max_new_tokens=2, ignore_eos=True))])
+    log.info("warm-up step done (%d tokens through every component)", len(warm[0].token_ids))
+    return cluster, engine
+
+
+async def serve(opts: ServeOptions) -> int:
+    embedded = _init_ray(opts.ray_address)
+    cluster = None
+    try:
+        cluster, engine = await asyncio.to_thread(start_cluster, opts)
+        info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
+        gateway, port = await start_gateway(engine, info, f"{opts.host}:{opts.port}", ready=True)
+        print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} "
+              f"({info.attention_shards} attention shards, {len(info.expert_groups)} expert groups)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests for up to %.0f s", opts.grace_s)
+        await gateway.stop(opts.grace_s)
+        return 0
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        import ray
+
+        if embedded and ray.is_initialized():
+            ray.shutdown()

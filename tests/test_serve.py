@@ -1,0 +1,91 @@
+"""`expertmesh serve` as a user runs it: a subprocess, health over grpc.health.v1, a client built from
+the .proto files, SIGTERM, and nothing left behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expertmesh.engine import Engine, GenerationRequest
+from expertmesh.sampling import SamplingParams
+from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+
+
+def wait_for_address(proc: subprocess.Popen, lines: list[str], timeout_s: float = 180) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}:\n" + "".join(lines[-30:]))
+            continue
+        lines.append(line)
+        m = re.search(r"serving .* on (\S+:\d+)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("serve did not report its address in time:\n" + "".join(lines[-30:]))
+
+
+def wait_serving(address: str, timeout_s: float = 60) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("never SERVING")
+
+
+def alive_components() -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
+            if a.class_name.endswith("Component")]
+
+
+def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", "0",
+           "--ray-address", gcs, "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "4",
+           "--max-seq-len", "128", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        address = wait_for_address(proc, lines)
+        wait_serving(address)
+        assert len(alive_components()) == 2 + 2 + 2  # shards, their routers, expert groups
+        stub = generate_pb2_grpc.GenerateServiceStub(grpc.insecure_channel(address))
+        sampling = generate_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True)
+        reply = stub.Generate(generate_pb2.GenerateRequest(prompt="The experts are", sampling=sampling), timeout=60)
+        expected = Engine.from_checkpoint(tiny_ckpt, max_batch_size=1, max_seq_len=128).generate(
+            [GenerationRequest(prompt="The experts are", params=SamplingParams(max_new_tokens=12, ignore_eos=True))])[0]
+        assert list(reply.token_ids) == expected.token_ids and reply.text == expected.text
+        assert reply.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
+        assert info.attention_shards == 2 and [list(g.experts) for g in info.expert_groups] == [[0, 1, 2, 3],
+                                                                                                [4, 5, 6, 7]]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("serve did not exit within 60 s of SIGTERM")
+    assert code == 0, "".join(lines[-30:])
+    deadline = time.monotonic() + 30
+    while alive_components() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive_components() == [], "actors left behind after SIGTERM"
