@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per cluster actor (0 = default)")
+    parser.add_argument("--router", choices=["service", "inline"], default="service")
     args = parser.parse_args()
 
     import ray
@@ -75,10 +76,10 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups)
-    cluster = Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len).start()
+    cluster = Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len, router=args.router).start()
     remote = Engine(cluster.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: {args.shards} attention shards x "
-          f"{args.groups} expert groups, router per shard; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{args.groups} expert groups, router: {args.router}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"greedy fp32, median of {args.rounds} rounds\n")
     print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | cluster/engine |")
     print("|---|---|---|---|---|---|---|")

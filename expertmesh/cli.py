@@ -117,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(
         model=str(args.model or default_checkpoint()), host=args.host, port=args.port, ray_address=args.ray_address,
-        attention_shards=args.attention_shards, expert_groups=args.expert_groups, device=args.device,
+        attention_shards=args.attention_shards, expert_groups=args.expert_groups, router=args.router,
+        device=args.device,
         dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="join this Ray cluster (default: start an embedded local one)")
     p.add_argument("--attention-shards", type=int, default=1)
     p.add_argument("--expert-groups", type=int, default=1)
+    p.add_argument("--router", choices=["service", "inline"], default="service",
+                   help="service: a RouterService actor per attention shard; inline: the router runs inside "
+                        "each shard's process (one network hop less per layer)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, the checkpoint's on cuda")
     p.add_argument("--gpus-per-shard", type=float, help="GPU share per attention shard (default 1 on cuda)")

@@ -88,18 +88,26 @@ class ExpertGroupComponent:
         return {**node_info(), "experts": list(self.experts), "address": self._address}
 
 
-class RouterComponent:
-    """Serves the gates of `layers` and fans out to the expert groups at `groups` [(address, experts)]."""
+Groups = list[tuple[str, tuple[int, ...]]]  # [(address, expert ids)] of the expert groups
 
-    def __init__(self, checkpoint: str, layers: tuple[int, ...], groups: list[tuple[str, tuple[int, ...]]],
-                 options: RuntimeOptions):
+
+def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
+                  options: RuntimeOptions) -> Router:
+    """The gates of `layers`, fanning out to the expert services at `groups`."""
+    cfg, device = reader.config, options.torch_device()
+    clients = [ExpertClient(addr, experts, options.call_timeout_s, device=device) for addr, experts in groups]
+    return Router(load_gates(reader, layers, options.torch_dtype(reader), device), cfg.num_experts_per_tok,
+                  clients, cfg.num_local_experts)
+
+
+class RouterComponent:
+    """Serves the gates of `layers` and fans out to the expert groups at `groups`."""
+
+    def __init__(self, checkpoint: str, layers: tuple[int, ...], groups: Groups, options: RuntimeOptions):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
         cfg, dtype = reader.config, options.torch_dtype(reader)
-        clients = [ExpertClient(addr, experts, options.call_timeout_s, device=options.torch_device())
-                   for addr, experts in groups]
-        router = Router(load_gates(reader, layers, dtype, options.torch_device()), cfg.num_experts_per_tok,
-                        clients, cfg.num_local_experts)
+        router = remote_router(reader, layers, groups, options)
         self.server, port = serve_router(RouterServicer(router, cfg.hidden_size, dtype, options.torch_device()),
                                          f"{host}:0")
         self._address = f"{host}:{port}"
@@ -112,13 +120,20 @@ class RouterComponent:
 
 
 class AttentionShardComponent:
-    """Serves the attention side of `layers` with a KV cache of `num_slots` x `max_len` positions."""
+    """Serves the attention side of `layers` with a KV cache of `num_slots` x `max_len` positions.
 
-    def __init__(self, checkpoint: str, layers: tuple[int, ...], router_address: str, num_slots: int,
+    `router` is the address of its RouterService, or the expert groups themselves: then the router
+    runs inside this process and each layer saves a network hop.
+    """
+
+    def __init__(self, checkpoint: str, layers: tuple[int, ...], router: str | Groups, num_slots: int,
                  max_len: int, options: RuntimeOptions):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
-        moe = RouterClient(router_address, options.call_timeout_s, device=options.torch_device())
+        if isinstance(router, str):
+            moe = RouterClient(router, options.call_timeout_s, device=options.torch_device())
+        else:
+            moe = remote_router(reader, layers, router, options)
         stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
                                    options.torch_device())
         self.server, port = serve_attention(AttentionServicer(stack), f"{host}:0")

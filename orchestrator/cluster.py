@@ -36,6 +36,7 @@ class Cluster:
     options: RuntimeOptions
     num_slots: int
     max_len: int
+    router: str = "service"  # "service": a RouterService actor per shard; "inline": inside each shard
     start_timeout_s: float = 300.0
     expert_restarts: int = 3
     groups: list = field(default_factory=list)
@@ -49,9 +50,12 @@ class Cluster:
                 self.checkpoint, g.experts, self.options) for g in self.plan.groups]
             group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
             members = [(addr, g.experts) for addr, g in zip(group_addrs, self.plan.groups)]
-            self.routers = [_actor(RouterComponent, s).remote(self.checkpoint, s.layers, members, self.options)
-                            for s in self.plan.shards]
-            router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
+            if self.router == "inline":
+                router_addrs = [members] * len(self.plan.shards)
+            else:
+                self.routers = [_actor(RouterComponent, s).remote(self.checkpoint, s.layers, members, self.options)
+                                for s in self.plan.shards]
+                router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
             self.shards = [_actor(AttentionShardComponent, s).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options)
                 for s, addr in zip(self.plan.shards, router_addrs)]

@@ -36,6 +36,7 @@ class ServeOptions:
     ray_address: str | None = None
     attention_shards: int = 1
     expert_groups: int = 1
+    router: str = "service"
     device: str = "cpu"
     dtype: str | None = None
     gpus_per_shard: float | None = None
@@ -77,7 +78,8 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
                         expert_resource=opts.expert_resource)
     runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None)
-    cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len).start()
+    cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
+                      router=opts.router).start()
     engine = Engine(cluster.runner(), Tokenizer.from_checkpoint(opts.model), cfg,
                     Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=max(4096, opts.max_batch_size),
                               max_waiting=opts.max_waiting))

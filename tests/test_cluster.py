@@ -51,12 +51,12 @@ def reference_tokens(tiny_ckpt):
     return run_staggered(engine, requests())
 
 
-@pytest.mark.parametrize("shards, groups", [(1, 1), (2, 4), (1, 8)])
-def test_cluster_matches_single_process_engine(ray_cluster, tiny_ckpt, reference_tokens, shards, groups):
+@pytest.mark.parametrize("shards, groups, router", [(1, 1, "service"), (2, 4, "service"), (1, 8, "inline")])
+def test_cluster_matches_single_process_engine(ray_cluster, tiny_ckpt, reference_tokens, shards, groups, router):
     tokenizer = Tokenizer.from_checkpoint(tiny_ckpt)
     engine_ref = Engine.from_checkpoint(tiny_ckpt, max_batch_size=1, max_seq_len=MAX_LEN)
     plan = plan_cluster(engine_ref.cfg, attention_shards=shards, expert_groups=groups)
-    cluster = Cluster(str(tiny_ckpt), plan, RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
+    cluster = Cluster(str(tiny_ckpt), plan, RuntimeOptions(threads=1), SLOTS, MAX_LEN, router=router).start()
     try:
         runner = cluster.runner()
         engine = Engine(runner, tokenizer, engine_ref.cfg, Scheduler(SLOTS, MAX_LEN))
