@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per cluster actor (0 = default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per cluster actor")
     parser.add_argument("--router", choices=["service", "inline"], default="service")
     args = parser.parse_args()
 

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="KV-cache slots: sequences per step")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context per sequence (capped by the model's)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per component (0 = default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per component")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, RouterComponent,
-                                            RuntimeOptions)
+from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, GroupEndpoint,
+                                            RouterComponent, RuntimeOptions)
 from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan
 from expertmesh.services.attention import ShardChain
 
@@ -49,7 +49,8 @@ class Cluster:
             self.groups = [_actor(ExpertGroupComponent, g, self.expert_restarts).remote(
                 self.checkpoint, g.experts, self.options) for g in self.plan.groups]
             group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
-            members = [(addr, g.experts) for addr, g in zip(group_addrs, self.plan.groups)]
+            members = [GroupEndpoint(addr, g.experts, actor)
+                       for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups)]
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
             else:

@@ -46,7 +46,7 @@ class ServeOptions:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     max_waiting: int = 1024
-    threads: int = 0
+    threads: int = 1
     grace_s: float = 10.0
 
 

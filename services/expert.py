@@ -7,6 +7,8 @@ that this group owns, for the whole step.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
@@ -16,6 +18,8 @@ from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
 from expertmesh.services.errors import ErrorMappingInterceptor
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
 
@@ -65,19 +69,42 @@ class ExpertClient:
     """A remote expert group, as the router sees it (`Experts` protocol)."""
 
     def __init__(self, address: str, experts: tuple[int, ...], timeout_s: float = 30.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu"):
-        self.address, self.experts, self.timeout_s, self.device = address, tuple(experts), timeout_s, device
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
-        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
+                 resolve: Callable[[], str] | None = None):
+        """`resolve`, if given, returns the group's current address: a call that finds the group gone
+        (UNAVAILABLE) asks it, reconnects and is sent again once. Expert calls are pure functions of
+        their input, so a retry cannot duplicate anything."""
+        self.experts, self.timeout_s, self.device, self.resolve = tuple(experts), timeout_s, device, resolve
+        self._options = channel_options(max_message_bytes)
+        self._connect(address)
         # Blocking calls on a long-lived thread, not grpc's `.future()`: that starts a new polling
         # thread whenever the channel goes from no call in flight to one, i.e. on every call here
         # (about 1 ms per call, measured).
         self._caller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{address}")
 
+    def _connect(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=self._options)
+        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+
     def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> _PendingCall:
         request = expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
                                                   expert_ids=codec.encode(expert_ids))
-        return _PendingCall(self._caller.submit(self.stub.Forward, request, timeout=self.timeout_s), self.device)
+        return _PendingCall(self._caller.submit(self._forward, request), self.device)
+
+    def _forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
+        try:
+            return self.stub.Forward(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("expert group at %s unavailable (%s); waiting for it to come back", self.address,
+                        exc.details())
+        old = self.channel
+        self._connect(self.resolve())
+        old.close()
+        log.info("expert group back at %s; retrying the call", self.address)
+        return self.stub.Forward(request, timeout=self.timeout_s)
 
     def close(self) -> None:
         self._caller.shutdown(wait=False)

@@ -74,6 +74,13 @@ def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
             [GenerationRequest(prompt="The experts are", params=SamplingParams(max_new_tokens=12, ignore_eos=True))])[0]
         assert list(reply.token_ids) == expected.token_ids and reply.text == expected.text
         assert reply.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        chunks = list(stub.GenerateStream(generate_pb2.GenerateRequest(prompt="The experts are", sampling=sampling),
+                                          timeout=60))
+        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+        assert "".join(c.text for c in chunks) == expected.text and len(chunks) > 1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1, 32000], sampling=sampling), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
         assert info.attention_shards == 2 and [list(g.experts) for g in info.expert_groups] == [[0, 1, 2, 3],
                                                                                                 [4, 5, 6, 7]]
