@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
-        threads=args.threads, grace_s=args.grace)
+        threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port)
     return asyncio.run(serve(opts))
 
 
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per component")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.set_defaults(func=cmd_serve)
     return parser
 

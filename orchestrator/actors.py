@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates
@@ -18,6 +19,7 @@ from expertmesh.model.moe import Router
 from expertmesh.presets import DTYPES
 from expertmesh.services.attention import AttentionServicer, serve_attention
 from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
+from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, RouterMetrics, serve_metrics
 from expertmesh.services.router import RouterClient, RouterServicer, serve_router
 
 
@@ -77,12 +79,14 @@ def node_info() -> dict:
 class ExpertGroupComponent:
     """Serves experts `experts` of every layer over gRPC."""
 
-    def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions):
+    def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions, name: str = "0"):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
         dtype = options.torch_dtype(reader)
         group = load_expert_group(reader, experts, dtype, options.torch_device())
-        servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device())
+        self.metrics = Metrics(host)
+        servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device(),
+                                  ExpertMetrics(self.metrics.registry), name)
         self.server, port = serve_experts(servicer, f"{host}:0")
         self.experts, self._address = tuple(experts), f"{host}:{port}"
 
@@ -90,7 +94,8 @@ class ExpertGroupComponent:
         return self._address
 
     def info(self) -> dict:
-        return {**node_info(), "experts": list(self.experts), "address": self._address}
+        return {**node_info(), "experts": list(self.experts), "address": self._address,
+                "metrics": self.metrics.address}
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,14 @@ class GroupEndpoint:
 Groups = list[GroupEndpoint]
 
 
+class Metrics:
+    """This process's registry, served over HTTP on a free port of `host`."""
+
+    def __init__(self, host: str):
+        self.registry = CollectorRegistry()
+        self.address = f"{host}:{serve_metrics(self.registry, host)}"
+
+
 def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
                   options: RuntimeOptions) -> Router:
     """The gates of `layers`, fanning out to the expert services at `groups`."""
@@ -143,15 +156,17 @@ class RouterComponent:
         reader = CheckpointReader(checkpoint)
         cfg, dtype = reader.config, options.torch_dtype(reader)
         router = remote_router(reader, layers, groups, options)
-        self.server, port = serve_router(RouterServicer(router, cfg.hidden_size, dtype, options.torch_device()),
-                                         f"{host}:0")
+        self.metrics = Metrics(host)
+        servicer = RouterServicer(router, cfg.hidden_size, dtype, options.torch_device(),
+                                  RouterMetrics(self.metrics.registry, cfg.num_local_experts))
+        self.server, port = serve_router(servicer, f"{host}:0")
         self._address = f"{host}:{port}"
 
     def address(self) -> str:
         return self._address
 
     def info(self) -> dict:
-        return {**node_info(), "address": self._address}
+        return {**node_info(), "address": self._address, "metrics": self.metrics.address}
 
 
 class AttentionShardComponent:
@@ -162,20 +177,24 @@ class AttentionShardComponent:
     """
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], router: str | Groups, num_slots: int,
-                 max_len: int, options: RuntimeOptions):
+                 max_len: int, options: RuntimeOptions, name: str = "0"):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
+        self.metrics = Metrics(host)
         if isinstance(router, str):
             moe = RouterClient(router, options.call_timeout_s, device=options.torch_device())
         else:
-            moe = remote_router(reader, layers, router, options)
+            metrics = RouterMetrics(self.metrics.registry, reader.config.num_local_experts)
+            moe = metrics.metered(remote_router(reader, layers, router, options))
         stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
                                    options.torch_device())
-        self.server, port = serve_attention(AttentionServicer(stack), f"{host}:0")
+        servicer = AttentionServicer(stack, AttentionMetrics(self.metrics.registry), name)
+        self.server, port = serve_attention(servicer, f"{host}:0")
         self.layers, self._address = tuple(layers), f"{host}:{port}"
 
     def address(self) -> str:
         return self._address
 
     def info(self) -> dict:
-        return {**node_info(), "layers": list(self.layers), "address": self._address}
+        return {**node_info(), "layers": list(self.layers), "address": self._address,
+                "metrics": self.metrics.address}

@@ -47,7 +47,7 @@ class Cluster:
         """Create every actor and wait until each has loaded its weights and is listening."""
         try:
             self.groups = [_actor(ExpertGroupComponent, g, self.expert_restarts).remote(
-                self.checkpoint, g.experts, self.options) for g in self.plan.groups]
+                self.checkpoint, g.experts, self.options, str(k)) for k, g in enumerate(self.plan.groups)]
             group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
             members = [GroupEndpoint(addr, g.experts, actor)
                        for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups)]
@@ -58,8 +58,8 @@ class Cluster:
                                 for s in self.plan.shards]
                 router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
             self.shards = [_actor(AttentionShardComponent, s).remote(
-                self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options)
-                for s, addr in zip(self.plan.shards, router_addrs)]
+                self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
+                for k, (s, addr) in enumerate(zip(self.plan.shards, router_addrs))]
             self.shard_addresses = ray.get([a.address.remote() for a in self.shards], timeout=self.start_timeout_s)
         except BaseException:
             self.shutdown()
@@ -76,6 +76,20 @@ class Cluster:
             return ray.get([a.info.remote() for a in actors], timeout=30)
 
         return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
+
+    def metrics_targets(self) -> tuple[list[str], dict[int, bool]]:
+        """Every component's metrics address, and whether each expert group answered."""
+        targets, up = [], {}
+        for kind, actors in (("groups", self.groups), ("routers", self.routers), ("shards", self.shards)):
+            for k, actor in enumerate(actors):
+                try:
+                    targets.append(ray.get(actor.info.remote(), timeout=5)["metrics"])
+                    ok = True
+                except Exception:  # noqa: BLE001 - dead or restarting: its series pause
+                    ok = False
+                if kind == "groups":
+                    up[k] = ok
+        return targets, up
 
     def shutdown(self) -> None:
         """Kill every actor this cluster started (no restart)."""

@@ -15,6 +15,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
@@ -23,6 +25,8 @@ from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 from expertmesh.services.gateway import ExpertGroupPlacement, ModelInfo, start_gateway
+from expertmesh.services.gateway_loop import EngineLoop
+from expertmesh.services.metrics import ClusterCollector, GatewayMetrics, serve_metrics
 from expertmesh.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class ServeOptions:
     max_seq_len: int = 2048
     max_waiting: int = 1024
     threads: int = 1
+    metrics_port: int | None = None
     grace_s: float = 10.0
 
 
@@ -89,13 +94,33 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
     return cluster, engine
 
 
+def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics: GatewayMetrics, host: str,
+                          port: int) -> int:
+    """One /metrics for the whole cluster: this process's metrics merged with every component's."""
+    def targets() -> list[str]:
+        addresses, up = cluster.metrics_targets()
+        for group, ok in up.items():
+            metrics.group_up.labels(str(group)).set(1 if ok else 0)
+        return addresses
+
+    merged = CollectorRegistry()
+    merged.register(ClusterCollector(registry, targets))
+    return serve_metrics(merged, host, port)
+
+
 async def serve(opts: ServeOptions) -> int:
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
         cluster, engine = await asyncio.to_thread(start_cluster, opts)
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
-        gateway, port = await start_gateway(engine, info, f"{opts.host}:{opts.port}", ready=True)
+        registry = CollectorRegistry()
+        metrics = GatewayMetrics(registry)
+        gateway, port = await start_gateway(EngineLoop(engine, metrics=metrics), info, f"{opts.host}:{opts.port}",
+                                            ready=True)
+        if opts.metrics_port is not None:
+            metrics_port = serve_cluster_metrics(cluster, registry, metrics, opts.host, opts.metrics_port)
+            print(f"expertmesh: metrics on http://{opts.host}:{metrics_port}/metrics", flush=True)
         print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} "
               f"({info.attention_shards} attention shards, {len(info.expert_groups)} expert groups)", flush=True)
         stop = asyncio.Event()

@@ -7,6 +7,7 @@ sampled ids (out of the last) travel. Inside a shard every layer calls its MoE (
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent import futures
 
@@ -20,6 +21,7 @@ from expertmesh.scheduler import StepPlan
 from expertmesh.services import codec
 from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
 from expertmesh.services.errors import ErrorMappingInterceptor
+from expertmesh.services.metrics import AttentionMetrics
 from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 
@@ -27,11 +29,19 @@ from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
     """Protobuf in -> StepBatch and inputs, checked -> the stack -> hidden states or sampled ids."""
 
-    def __init__(self, stack: DecoderStack):
-        self.stack = stack
+    def __init__(self, stack: DecoderStack, metrics: AttentionMetrics | None = None, name: str = "0"):
+        self.stack, self.metrics, self.name = stack, metrics, name
         self.sampler = Sampler(stack.device)
 
     def Step(self, request, context):
+        start = time.perf_counter()
+        reply = self._step(request)
+        if self.metrics is not None:
+            phase = "prefill" if any(s.q_len > 1 for s in request.seqs) else "decode"
+            self.metrics.step.labels(self.name, phase).observe(time.perf_counter() - start)
+        return reply
+
+    def _step(self, request) -> attention_pb2.StepResponse:
         for rid in request.released:
             self.sampler.release(rid)
         batch = self._batch(request.seqs)

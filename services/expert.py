@@ -8,6 +8,7 @@ that this group owns, for the whole step.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -17,6 +18,7 @@ import torch
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
 from expertmesh.services.errors import ErrorMappingInterceptor
+from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -32,15 +34,22 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Protobuf in -> checked tensors -> the group -> protobuf out."""
 
-    def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
+                 metrics: ExpertMetrics | None = None, name: str = "0"):
         self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
+        self.metrics, self.name = metrics, name
 
     def Forward(self, request, context):
+        start = time.perf_counter()
         x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
         ids = codec.decode(request.expert_ids, "expert_ids", torch.int64, (x.shape[0],), self.device)
         with torch.inference_mode():
             y = self.group(request.layer, x, ids)
-        return expert_pb2.ExpertForwardResponse(hidden=codec.encode(y))
+        reply = expert_pb2.ExpertForwardResponse(hidden=codec.encode(y))
+        if self.metrics is not None:
+            self.metrics.forward.labels(self.name).observe(time.perf_counter() - start)
+            self.metrics.rows.labels(self.name).observe(x.shape[0])
+        return reply
 
     def Describe(self, request, context):
         return expert_pb2.DescribeExpertsResponse(experts=self.group.experts, layers=self.group.layers)

@@ -23,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 
 from expertmesh.engine import Engine, GenerationRequest, StepOutput
+from expertmesh.services.errors import status_for
+from expertmesh.services.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +131,9 @@ class Generation:
 class EngineLoop:
     """Runs an `Engine` on its own thread; `generate()` and `complete()` are called from asyncio."""
 
-    def __init__(self, engine: Engine, name: str = "engine-loop"):
-        self.engine = engine
+    def __init__(self, engine: Engine, name: str = "engine-loop", metrics: GatewayMetrics | None = None):
+        self.engine, self.metrics = engine, metrics
+        self._seen: dict[str, tuple[float, float | None]] = {}  # engine thread only: (arrival, last output)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Ticket] = {}  # engine thread only: admitted requests by id
         self._stop_at: float | None = None  # engine thread only: monotonic deadline once stopping
@@ -222,6 +225,8 @@ class EngineLoop:
             request_id = command.ticket.request.request_id
             if self._active.get(request_id) is command.ticket:
                 del self._active[request_id]
+                self._seen.pop(request_id, None)
+                self._count("CANCELLED")
                 self._abort(request_id)
         elif self._stop_at is not None:
             command.ticket.admit(EngineUnavailableError("the engine is stopping"))
@@ -229,18 +234,22 @@ class EngineLoop:
             try:
                 self.engine.add(command.ticket.request)
             except Exception as exc:  # noqa: BLE001 - the caller's coroutine maps it to a status
+                self._count(_code_of(exc))
                 command.ticket.admit(exc)
                 return
             self._active[command.ticket.request.request_id] = command.ticket
+            self._seen[command.ticket.request.request_id] = (time.monotonic(), None)
             command.ticket.admit(None)
 
     def _step(self) -> None:
+        batch = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - e.g. a remote shard failed; the loop lives on
             log.exception("engine step failed; failing %d requests", len(self._active))
             self._fail_all(EngineUnavailableError(f"engine step failed: {exc}"))
             return
+        self._observe_step(min(batch, self.engine.scheduler.num_slots), outputs)
         for out in outputs:
             ticket = self._active.get(out.request_id)
             if ticket is None:
@@ -251,9 +260,40 @@ class EngineLoop:
                 del self._active[out.request_id]
                 self._abort(out.request_id)
 
+    def _observe_step(self, batch: int, outputs) -> None:
+        """Client-side latencies and scheduler state, once per step (engine thread)."""
+        m = self.metrics
+        if m is None:
+            return
+        now = time.monotonic()
+        m.batch.observe(batch)
+        for out in outputs:
+            arrival, last = self._seen.get(out.request_id, (now, now))
+            if last is None:
+                m.ttft.observe(now - arrival)
+                m.prompt_tokens.inc(out.prompt_tokens)
+            else:
+                m.itl.observe(now - last)
+            m.generated_tokens.inc(len(out.token_ids))
+            self._seen[out.request_id] = (arrival, now)
+            if out.finish_reason is not None:
+                m.e2e.observe(now - arrival)
+                self._count("OK")
+                self._seen.pop(out.request_id, None)
+        scheduler = self.engine.scheduler
+        m.waiting.set(len(scheduler.waiting))
+        m.running.set(len(scheduler.running))
+        m.kv_used.set(scheduler.cache_used_ratio())
+
+    def _count(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(code).inc()
+
     def _fail_all(self, error: EngineUnavailableError) -> None:
         """Fail every request, and abort every sequence the scheduler still holds (ours or not)."""
         for ticket in self._active.values():
+            self._count("UNAVAILABLE")
+            self._seen.pop(ticket.request.request_id, None)
             ticket.deliver(error)
         self._active.clear()
         scheduler = self.engine.scheduler
@@ -265,3 +305,10 @@ class EngineLoop:
             self.engine.abort(request_id)
         except Exception:  # noqa: BLE001 - keep the loop alive; the scheduler may hold the slot
             log.exception("engine.abort(%r) failed", request_id)
+
+
+def _code_of(exc: Exception) -> str:
+    """The gRPC status name an admission error gets (the servicer maps it the same way)."""
+    if isinstance(exc, EngineUnavailableError):
+        return "UNAVAILABLE"
+    return status_for(exc).name

@@ -17,19 +17,22 @@ from expertmesh.model.moe import Router
 from expertmesh.services import codec
 from expertmesh.services.errors import ErrorMappingInterceptor
 from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from expertmesh.services.metrics import RouterMetrics
 from expertmesh.v1 import router_pb2, router_pb2_grpc
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router, hidden_size: int, dtype: torch.dtype, device: str = "cpu"):
+    def __init__(self, router: Router, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
+                 metrics: RouterMetrics | None = None):
         self.router, self.hidden_size, self.dtype, self.device = router, hidden_size, dtype, device
+        self.moe = metrics.metered(router) if metrics is not None else router
 
     def Route(self, request, context):
         if request.layer not in self.router.gates:
             raise ValueError(f"layer: {request.layer} has no gate in this router")
         x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
         with torch.inference_mode():
-            y = self.router(request.layer, x)
+            y = self.moe(request.layer, x)
         return router_pb2.RouteResponse(hidden=codec.encode(y))
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from expertmesh.sampling import SamplingParams
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 
-def wait_for_address(proc: subprocess.Popen, lines: list[str], timeout_s: float = 180) -> str:
+def wait_for_line(proc: subprocess.Popen, lines: list[str], pattern: str, timeout_s: float = 180) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -27,10 +28,18 @@ def wait_for_address(proc: subprocess.Popen, lines: list[str], timeout_s: float 
                 raise AssertionError(f"serve exited with {proc.returncode}:\n" + "".join(lines[-30:]))
             continue
         lines.append(line)
-        m = re.search(r"serving .* on (\S+:\d+)", line)
+        m = re.search(pattern, line)
         if m:
             return m.group(1)
-    raise AssertionError("serve did not report its address in time:\n" + "".join(lines[-30:]))
+    raise AssertionError(f"serve did not print {pattern!r} in time:\n" + "".join(lines[-30:]))
+
+
+def scrape(url: str) -> dict[str, list]:
+    """Metric families by name from a Prometheus text endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return {f.name: f.samples for f in text_string_to_metric_families(reply.read().decode())}
 
 
 def wait_serving(address: str, timeout_s: float = 60) -> None:
@@ -54,17 +63,39 @@ def alive_components() -> list:
             if a.class_name.endswith("Component")]
 
 
+def check_metrics(families: dict[str, list], prompt_len: int, generated: int, requests: int) -> None:
+    """Exact counting: each token that passed a layer was routed to top-2 experts there. Tokens that
+    passed each layer: the warm-up request (BOS, then 1 decode step: 2) plus, per request, its prompt
+    and every generated token but the last (which is sampled, never fed back)."""
+    passed = 2 + requests * (prompt_len + generated - 1)
+    per_layer: dict[str, float] = {}
+    for sample in families["expertmesh_router_tokens"]:
+        if sample.name.endswith("_total"):
+            per_layer[sample.labels["layer"]] = per_layer.get(sample.labels["layer"], 0) + sample.value
+    assert per_layer == {"0": 2 * passed, "1": 2 * passed}
+    gen = [s.value for s in families["expertmesh_gateway_generated_tokens"] if s.name.endswith("_total")]
+    assert gen == [requests * generated]
+    codes = {s.labels["code"]: s.value for s in families["expertmesh_gateway_requests"] if s.name.endswith("_total")}
+    assert codes == {"OK": requests, "INVALID_ARGUMENT": 1}
+    assert {s.labels["group"]: s.value for s in families["expertmesh_expert_group_up"]} == {"0": 1.0, "1": 1.0}
+    for name in ("expertmesh_router_dispatch_seconds", "expertmesh_expert_forward_seconds",
+                 "expertmesh_attention_step_seconds", "expertmesh_gateway_time_to_first_token_seconds",
+                 "expertmesh_scheduler_kv_cache_used_ratio", "expertmesh_router_sent_bytes"):
+        assert families.get(name), f"{name} missing"
+
+
 def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", "0",
            "--ray-address", gcs, "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "4",
-           "--max-seq-len", "128", "--threads", "1"]
+           "--max-seq-len", "128", "--threads", "1", "--metrics-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
-        address = wait_for_address(proc, lines)
+        metrics_url = wait_for_line(proc, lines, r"metrics on (http://\S+/metrics)")
+        address = wait_for_line(proc, lines, r"serving .* on (\S+:\d+)")
         wait_serving(address)
         assert len(alive_components()) == 2 + 2 + 2  # shards, their routers, expert groups
         stub = generate_pb2_grpc.GenerateServiceStub(grpc.insecure_channel(address))
@@ -81,6 +112,7 @@ def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1, 32000], sampling=sampling), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        check_metrics(scrape(metrics_url), prompt_len=len(expected.prompt_token_ids), generated=12, requests=2)
         info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
         assert info.attention_shards == 2 and [list(g.experts) for g in info.expert_groups] == [[0, 1, 2, 3],
                                                                                                 [4, 5, 6, 7]]

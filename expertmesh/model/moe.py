@@ -14,7 +14,7 @@ I = expert hidden size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,8 +138,10 @@ class Router:
     """Owns each layer's gate; sends every group one batch of the rows it owns; combines the results."""
 
     def __init__(self, gates: Mapping[int, torch.Tensor], top_k: int, groups: Sequence[Experts],
-                 num_experts: int):
-        self.gates, self.top_k, self.groups = dict(gates), top_k, list(groups)
+                 num_experts: int, observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None):
+        """`observe(layer, experts [T, A], weights [T, A])`, if given, sees every routing decision
+        (the metrics hook; the model itself knows nothing of Prometheus)."""
+        self.gates, self.top_k, self.groups, self.observe = dict(gates), top_k, list(groups), observe
         group_of_expert = torch.full((num_experts,), -1, dtype=torch.long)
         for g, group in enumerate(self.groups):
             group_of_expert[list(group.experts)] = g
@@ -150,6 +152,8 @@ class Router:
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gates[layer], self.top_k)
+        if self.observe is not None:
+            self.observe(layer, experts, weights)
         dispatch = plan_dispatch(weights, experts, self.group_of_expert.to(x.device), len(self.groups))
         pending = [group.submit(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]) if rows.numel() else None
                    for group, rows in zip(self.groups, dispatch.rows)]  # all groups start before any wait

@@ -1,0 +1,142 @@
+"""Every Prometheus metric of expertmesh, defined in one place, and how they are served.
+
+Names follow `expertmesh_<component>_<quantity>_<unit>`; labels come from closed sets (layer, expert,
+group, shard, phase, code), never request ids. Each process of the cluster (gateway, routers, expert
+groups, attention shards) records into its own registry and serves it on its own port; the gateway's
+`--metrics-port` endpoint merges them all (`ClusterCollector`), so one scrape sees the whole cluster.
+Label sets are disjoint between processes (a layer has one router, a group one process), so merging
+never adds two processes' samples together.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from expertmesh.model.moe import MoE, Router
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
+
+
+class RouterMetrics:
+    """Routing decisions and the fan-out to expert groups, per layer."""
+
+    def __init__(self, registry: CollectorRegistry, num_experts: int):
+        self.tokens = Counter("expertmesh_router_tokens_total", "Tokens routed to each expert (each token counts "
+                              "once for each of its top-k experts)", ["layer", "expert"], registry=registry)
+        self.weight = Counter("expertmesh_router_weight_total", "Routing weight mass given to each expert",
+                              ["layer", "expert"], registry=registry)
+        self.dispatch = Histogram("expertmesh_router_dispatch_seconds", "One layer's MoE for one step: routing, "
+                                  "the calls to expert groups, combining", ["layer"], buckets=_LATENCY_BUCKETS,
+                                  registry=registry)
+        self.sent = Counter("expertmesh_router_sent_bytes_total", "Hidden-state bytes sent to expert groups",
+                            registry=registry)
+        self.received = Counter("expertmesh_router_received_bytes_total",
+                                "Hidden-state bytes received from expert groups", registry=registry)
+        self.num_experts = num_experts
+
+    def metered(self, router: Router) -> MoE:
+        """`router` as an MoE that records routing, dispatch latency and bytes (installs its observer)."""
+        router.observe = self.observe_routing
+        top_k = router.top_k
+
+        def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            y = router(layer, x)
+            self.dispatch.labels(layer).observe(time.perf_counter() - start)
+            nbytes = x.shape[0] * top_k * x.shape[1] * x.element_size()  # each routed row, out and back
+            self.sent.inc(nbytes)
+            self.received.inc(nbytes)
+            return y
+
+        return moe
+
+    def observe_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
+        """experts, weights: [T, A] of one layer's step."""
+        flat = experts.reshape(-1)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        mass = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(
+            0, flat, weights.reshape(-1).double()).tolist()
+        for e, n in enumerate(counts):
+            if n:
+                self.tokens.labels(layer, e).inc(n)
+                self.weight.labels(layer, e).inc(mass[e])
+
+
+class ExpertMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.forward = Histogram("expertmesh_expert_forward_seconds", "One expert-group call: rows through experts",
+                                 ["group"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.rows = Histogram("expertmesh_expert_rows", "Rows (token, expert pairs) per expert-group call",
+                              ["group"], buckets=_ROWS_BUCKETS, registry=registry)
+
+
+class AttentionMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.step = Histogram("expertmesh_attention_step_seconds", "One attention shard's part of a step",
+                              ["shard", "phase"], buckets=_LATENCY_BUCKETS, registry=registry)
+
+
+class GatewayMetrics:
+    """Requests, latencies as clients see them, and the scheduler."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter("expertmesh_gateway_requests_total", "Finished requests by gRPC status code",
+                                ["code"], registry=registry)
+        self.ttft = Histogram("expertmesh_gateway_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=_LATENCY_BUCKETS, registry=registry)
+        self.itl = Histogram("expertmesh_gateway_inter_token_latency_seconds", "Between consecutive outputs",
+                             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.e2e = Histogram("expertmesh_gateway_request_duration_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter("expertmesh_gateway_prompt_tokens_total", "Prompt tokens of admitted requests",
+                                     registry=registry)
+        self.generated_tokens = Counter("expertmesh_gateway_generated_tokens_total", "Generated tokens",
+                                        registry=registry)
+        self.waiting = Gauge("expertmesh_scheduler_waiting_requests", "Requests waiting for a slot",
+                             registry=registry)
+        self.running = Gauge("expertmesh_scheduler_running_requests", "Requests in the running batch",
+                             registry=registry)
+        self.batch = Histogram("expertmesh_scheduler_batch_size", "Sequences per step", buckets=_ROWS_BUCKETS,
+                               registry=registry)
+        self.kv_used = Gauge("expertmesh_scheduler_kv_cache_used_ratio", "Share of KV-cache positions in use",
+                             registry=registry)
+        self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group answered the last scrape",
+                              ["group"], registry=registry)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:
+    """Serve `registry` over HTTP at /metrics; returns the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server.server_port
+
+
+class ClusterCollector:
+    """Merges the /metrics of every component (addresses from `targets()`) with this process's own."""
+
+    def __init__(self, local: CollectorRegistry, targets: Callable[[], Iterable[str]], timeout_s: float = 5.0):
+        self.local, self.targets, self.timeout_s = local, targets, timeout_s
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        texts = []
+        for target in self.targets():
+            try:
+                with urllib.request.urlopen(f"http://{target}/metrics", timeout=self.timeout_s) as reply:
+                    texts.append(reply.read().decode())
+            except OSError as exc:  # a component restarting: its series pause, the scrape goes on
+                log.warning("metrics of %s unavailable: %s", target, exc)
+        for family in (*self.local.collect(), *(f for t in texts for f in text_string_to_metric_families(t))):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples.extend(family.samples)
+        return list(families.values())
