@@ -4,6 +4,7 @@
     expertmesh serve [--model DIR] [--port 50051]     start the cluster and its gRPC API
     expertmesh generate "PROMPT" [--address H:P]      stream a completion from a server
     expertmesh generate "PROMPT" --local [--model D]  generate in this process (single-process engine)
+    expertmesh top [--metrics URL]                    live layer x expert load heat map
 
 Without `--model`, commands use the default checkpoint, created once under the user's cache directory.
 """
@@ -126,6 +127,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(opts))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from expertmesh.services.top import run_top
+
+    try:
+        run_top(args.metrics, args.interval, args.iterations)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -171,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("top", help="live layer x expert load heat map from a server's metrics endpoint")
+    p.add_argument("--metrics", default="http://127.0.0.1:9464/metrics", help="the serve --metrics-port URL")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--iterations", type=int, help="redraw this many times, then exit (default: until Ctrl-C)")
+    p.set_defaults(func=cmd_top)
     return parser
 
 
