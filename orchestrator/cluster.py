@@ -8,13 +8,15 @@ Expert groups are restartable by Ray (`max_restarts`) and reload their weights w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
+from expertmesh.checkpoint import CheckpointReader
 from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, GroupEndpoint,
                                             RouterComponent, RuntimeOptions)
 from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan
+from expertmesh.presets import DTYPES
 from expertmesh.services.attention import ShardChain
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,11 @@ class Cluster:
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
             else:
-                self.routers = [_actor(RouterComponent, s).remote(self.checkpoint, s.layers, members, self.options)
-                                for s in self.plan.shards]
+                # A router does [T, D] x [D, E] gate matmuls and waits on the groups: it stays on its
+                # shard's node pool but holds no GPU, computing on CPU in the wire dtype of the shards.
+                router_options = replace(self.options, device="cpu", dtype=self._wire_dtype())
+                self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0)).remote(
+                    self.checkpoint, s.layers, members, router_options) for s in self.plan.shards]
                 router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
             self.shards = [_actor(AttentionShardComponent, s).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
@@ -66,6 +71,13 @@ class Cluster:
             raise
         log.info("cluster up: %d attention shards, %d expert groups", len(self.shards), len(self.groups))
         return self
+
+    def _wire_dtype(self) -> str:
+        """The dtype hidden states travel in: the shards' compute dtype."""
+        if self.options.dtype:
+            return self.options.dtype
+        dtype = self.options.torch_dtype(CheckpointReader(self.checkpoint))
+        return next(name for name, d in DTYPES.items() if d == dtype)
 
     def runner(self, timeout_s: float | None = None) -> ShardChain:
         return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s)

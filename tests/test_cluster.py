@@ -73,11 +73,14 @@ def test_cluster_matches_single_process_engine(ray_cluster, tiny_ckpt, reference
 def test_each_expert_group_gets_its_own_gpu(ray_cluster, tiny_ckpt):
     """Ray was started with declared GPUs: each group asking for one lands on a distinct GPU id."""
     cfg = ModelConfig.from_checkpoint(tiny_ckpt)
-    plan = plan_cluster(cfg, attention_shards=1, expert_groups=4, gpus_per_group=1.0)
+    plan = plan_cluster(cfg, attention_shards=2, expert_groups=4, gpus_per_group=1.0, gpus_per_shard=0.5)
     cluster = Cluster(str(tiny_ckpt), plan, RuntimeOptions(threads=1), 2, 32).start()
     try:
-        gpus = [tuple(g["gpu_ids"]) for g in cluster.describe()["groups"]]
+        placed = cluster.describe()
+        gpus = [tuple(g["gpu_ids"]) for g in placed["groups"]]
         assert all(len(g) == 1 for g in gpus) and len(set(gpus)) == 4
-        assert cluster.describe()["shards"][0]["gpu_ids"] == []
+        shard_gpus = [tuple(s["gpu_ids"]) for s in placed["shards"]]
+        assert all(len(g) == 1 for g in shard_gpus) and not set(shard_gpus) & set(gpus)  # half a GPU each
+        assert all(r["gpu_ids"] == [] for r in placed["routers"])  # routers hold no GPU
     finally:
         cluster.shutdown()
