@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent import futures
 
 import grpc
 import torch
@@ -20,9 +19,8 @@ from expertmesh.sampling import Sampler
 from expertmesh.scheduler import StepPlan
 from expertmesh.services import codec
 from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
-from expertmesh.services.errors import ErrorMappingInterceptor
 from expertmesh.services.metrics import AttentionMetrics
-from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
 from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 
 
@@ -85,12 +83,8 @@ def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1:0", w
                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """Start a shard server; returns it and the port it bound. Steps of one shard never overlap (the
     gateway runs one step at a time), so two workers suffice: a step and a Describe."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
-    attention_pb2_grpc.add_AttentionServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    server.start()
-    return server, port
+    return start_internal_server(servicer, attention_pb2_grpc.add_AttentionServiceServicer_to_server, address,
+                                 workers, max_message_bytes)
 
 
 class ShardChain:

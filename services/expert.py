@@ -17,19 +17,11 @@ import torch
 
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
-from expertmesh.services.errors import ErrorMappingInterceptor
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
 from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
-
 
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     """Protobuf in -> checked tensors -> the group -> protobuf out."""
@@ -58,12 +50,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0", workers: int = 4,
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """Start a server for one expert group; returns it and the port it bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
-    expert_pb2_grpc.add_ExpertServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    server.start()
-    return server, port
+    return start_internal_server(servicer, expert_pb2_grpc.add_ExpertServiceServicer_to_server, address, workers,
+                                 max_message_bytes)
 
 
 class _PendingCall:

@@ -8,15 +8,12 @@ protocol, so an attention shard cannot tell the remote router from local experts
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import torch
 
 from expertmesh.model.moe import Router
 from expertmesh.services import codec
-from expertmesh.services.errors import ErrorMappingInterceptor
-from expertmesh.services.expert import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
 from expertmesh.services.metrics import RouterMetrics
 from expertmesh.v1 import router_pb2, router_pb2_grpc
 
@@ -39,12 +36,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 def serve_router(servicer: RouterServicer, address: str = "127.0.0.1:0", workers: int = 8,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """Start a router server; returns it and the port it bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
-    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    server.start()
-    return server, port
+    return start_internal_server(servicer, router_pb2_grpc.add_RouterServiceServicer_to_server, address, workers,
+                                 max_message_bytes)
 
 
 class RouterClient:
