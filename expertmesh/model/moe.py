@@ -148,13 +148,14 @@ class Router:
         if (group_of_expert < 0).any():
             missing = (group_of_expert < 0).nonzero().flatten().tolist()
             raise ValueError(f"experts {missing} are owned by no expert group")
-        self.group_of_expert = group_of_expert
+        # On the gates' device, so the per-layer dispatch never copies it across devices.
+        self.group_of_expert = group_of_expert.to(next(iter(self.gates.values())).device)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(x, self.gates[layer], self.top_k)
         if self.observe is not None:
             self.observe(layer, experts, weights)
-        dispatch = plan_dispatch(weights, experts, self.group_of_expert.to(x.device), len(self.groups))
+        dispatch = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
         pending = [group.submit(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]) if rows.numel() else None
                    for group, rows in zip(self.groups, dispatch.rows)]  # all groups start before any wait
         return combine(dispatch, [p.result() if p else None for p in pending], x)
