@@ -33,6 +33,7 @@ class RuntimeOptions:
     host: str | None = None  # where servers listen; None: this node's address as Ray knows it
     call_timeout_s: float = 30.0
     restart_timeout_s: float = 120.0  # how long a caller waits for a restarted expert group
+    metrics: bool = True  # record and serve Prometheus metrics in every component
 
     def torch_dtype(self, reader: CheckpointReader) -> torch.dtype:
         if self.dtype:
@@ -84,9 +85,9 @@ class ExpertGroupComponent:
         reader = CheckpointReader(checkpoint)
         dtype = options.torch_dtype(reader)
         group = load_expert_group(reader, experts, dtype, options.torch_device())
-        self.metrics = Metrics(host)
+        self.metrics = Metrics(host, options.metrics)
         servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device(),
-                                  ExpertMetrics(self.metrics.registry), name)
+                                  self.metrics.make(ExpertMetrics), name)
         self.server, port = serve_experts(servicer, f"{host}:0")
         self.experts, self._address = tuple(experts), f"{host}:{port}"
 
@@ -131,11 +132,16 @@ Groups = list[GroupEndpoint]
 
 
 class Metrics:
-    """This process's registry, served over HTTP on a free port of `host`."""
+    """This process's registry, served over HTTP on a free port of `host` (or nothing, when off)."""
 
-    def __init__(self, host: str):
+    def __init__(self, host: str, enabled: bool = True):
+        self.enabled = enabled
         self.registry = CollectorRegistry()
-        self.address = f"{host}:{serve_metrics(self.registry, host)}"
+        self.address = f"{host}:{serve_metrics(self.registry, host)}" if enabled else None
+
+    def make(self, cls, *args):
+        """`cls(registry, *args)`, or None when metrics are off."""
+        return cls(self.registry, *args) if self.enabled else None
 
 
 def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
@@ -156,9 +162,9 @@ class RouterComponent:
         reader = CheckpointReader(checkpoint)
         cfg, dtype = reader.config, options.torch_dtype(reader)
         router = remote_router(reader, layers, groups, options)
-        self.metrics = Metrics(host)
+        self.metrics = Metrics(host, options.metrics)
         servicer = RouterServicer(router, cfg.hidden_size, dtype, options.torch_device(),
-                                  RouterMetrics(self.metrics.registry, cfg.num_local_experts))
+                                  self.metrics.make(RouterMetrics, cfg.num_local_experts))
         self.server, port = serve_router(servicer, f"{host}:0")
         self._address = f"{host}:{port}"
 
@@ -180,15 +186,16 @@ class AttentionShardComponent:
                  max_len: int, options: RuntimeOptions, name: str = "0"):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
-        self.metrics = Metrics(host)
+        self.metrics = Metrics(host, options.metrics)
         if isinstance(router, str):
             moe = RouterClient(router, options.call_timeout_s, device=options.torch_device())
         else:
-            metrics = RouterMetrics(self.metrics.registry, reader.config.num_local_experts)
-            moe = metrics.metered(remote_router(reader, layers, router, options))
+            moe = remote_router(reader, layers, router, options)
+            metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
+            moe = metrics.metered(moe) if metrics else moe
         stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
                                    options.torch_device())
-        servicer = AttentionServicer(stack, AttentionMetrics(self.metrics.registry), name)
+        servicer = AttentionServicer(stack, self.metrics.make(AttentionMetrics), name)
         self.server, port = serve_attention(servicer, f"{host}:0")
         self.layers, self._address = tuple(layers), f"{host}:{port}"
 

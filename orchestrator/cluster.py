@@ -95,8 +95,10 @@ class Cluster:
         for kind, actors in (("groups", self.groups), ("routers", self.routers), ("shards", self.shards)):
             for k, actor in enumerate(actors):
                 try:
-                    targets.append(ray.get(actor.info.remote(), timeout=5)["metrics"])
+                    address = ray.get(actor.info.remote(), timeout=5)["metrics"]
                     ok = True
+                    if address:
+                        targets.append(address)
                 except Exception:  # noqa: BLE001 - dead or restarting: its series pause
                     ok = False
                 if kind == "groups":

@@ -131,3 +131,29 @@ def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_server
         server.stop(grace=None)
         for c in clients:
             c.close()
+
+
+@pytest.mark.parametrize("metrics", [True, False])
+def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics):
+    """The actor classes are plain classes: build one here, call it over gRPC, scrape it (when on)."""
+    import urllib.request
+
+    from expertmesh.orchestrator.actors import ExpertGroupComponent, RuntimeOptions
+
+    threads = torch.get_num_threads()  # the component sets its process's torch threads; put them back
+    component = ExpertGroupComponent(str(tiny_ckpt), (0, 1), RuntimeOptions(host="127.0.0.1", metrics=metrics), "3")
+    try:
+        client = ExpertClient(component.address(), (0, 1))
+        y = client.submit(0, torch.randn(2, 64), torch.tensor([0, 1])).result()
+        assert y.shape == (2, 64)
+        client.close()
+        address = component.info()["metrics"]
+        if not metrics:
+            assert address is None
+            return
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+        assert 'expertmesh_expert_forward_seconds_count{group="3"} 1.0' in text
+        assert 'expertmesh_expert_rows_sum{group="3"} 2.0' in text
+    finally:
+        component.server.stop(grace=None)
+        torch.set_num_threads(threads)
