@@ -3,15 +3,20 @@ the .proto files, SIGTERM, and nothing left behind."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.engine import Engine, GenerationRequest
@@ -84,7 +89,60 @@ def check_metrics(families: dict[str, list], prompt_len: int, generated: int, re
         assert families.get(name), f"{name} missing"
 
 
-def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
+PROMETHEUS_PORT = 29090  # fixed (Prometheus cannot report a port 0 choice); outside Ray's worker range
+RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "rules.yml"
+
+
+def query(expr: str) -> list:
+    url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        body = json.loads(reply.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def rule_expressions() -> list[str]:
+    """What must return data: each recording rule's series, and each alert's expression without its
+    threshold (a healthy cluster rightly fires no alert)."""
+    out = []
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            out.append(rule["record"] if "record" in rule else re.split(r" (?:==|>) ", rule["expr"])[0])
+    return out
+
+
+def check_with_prometheus(metrics_url: str, stub, tmp_path: Path) -> None:
+    """A real Prometheus scrapes the cluster under a short load; every rule expression returns data."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.skip("prometheus not installed (.ci/run installs Debian's prometheus package)")
+    target = urllib.parse.urlparse(metrics_url).netloc
+    shutil.copyfile(RULES, tmp_path / "rules.yml")
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "rule_files: [rules.yml]\n"
+        f"scrape_configs: [{{job_name: expertmesh, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    server = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={tmp_path / 'data'}",
+                               f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sampling = generate_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True)
+        missing = rule_expressions()
+        deadline = time.monotonic() + 90
+        while missing and time.monotonic() < deadline:  # load while Prometheus scrapes; bounded in time
+            stub.Generate(generate_pb2.GenerateRequest(prompt="Load for the scraper", sampling=sampling), timeout=60)
+            try:
+                missing = [e for e in missing if not query(e)]
+            except OSError:  # Prometheus still starting
+                time.sleep(0.5)
+        assert not missing, f"no data for {missing}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt, tmp_path):
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
@@ -113,6 +171,7 @@ def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt):
             stub.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1, 32000], sampling=sampling), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         check_metrics(scrape(metrics_url), prompt_len=len(expected.prompt_token_ids), generated=12, requests=2)
+        check_with_prometheus(metrics_url, stub, tmp_path)
         info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
         assert info.attention_shards == 2 and [list(g.experts) for g in info.expert_groups] == [[0, 1, 2, 3],
                                                                                                 [4, 5, 6, 7]]
