@@ -69,14 +69,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_local(args)
     import grpc
 
+    from expertmesh.services.convert import sampling_to_pb
     from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
-    p = _sampling_params(args)
-    sampling = generate_pb2.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                           max_new_tokens=p.max_new_tokens, stop=list(p.stop),
-                                           ignore_eos=p.ignore_eos)
-    if p.seed is not None:
-        sampling.seed = p.seed
+    sampling = sampling_to_pb(_sampling_params(args))
     with grpc.insecure_channel(args.address) as channel:
         stub = generate_pb2_grpc.GenerateServiceStub(channel)
         try:

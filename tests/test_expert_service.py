@@ -9,7 +9,7 @@ import torch
 
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.checkpoint import split_range
-from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates, load_local_model
+from expertmesh.model.load import load_decoder_stack, load_expert_group, load_local_model
 from expertmesh.model.moe import Router
 from expertmesh.services import codec
 from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
@@ -41,12 +41,18 @@ def expert_servers(tiny_ckpt):
         server.stop(grace=None)
 
 
+def router_to(expert_servers, reader) -> Router:
+    """Gates of every layer fanning out to the servers, built as the cluster's router actors build it."""
+    from expertmesh.orchestrator.actors import GroupEndpoint, RuntimeOptions, remote_router
+
+    groups = [GroupEndpoint(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
+    return remote_router(reader, tuple(range(reader.config.num_hidden_layers)), groups, RuntimeOptions())
+
+
 def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers):
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
-    clients = [ExpertClient(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
-    router = Router(load_gates(reader, range(cfg.num_hidden_layers), torch.float32), cfg.num_experts_per_tok,
-                    clients, cfg.num_local_experts)
+    router = router_to(expert_servers, reader)
     remote = load_decoder_stack(reader, range(cfg.num_hidden_layers), router, 4, 64, torch.float32)
     local = load_local_model(reader, 4, 64, torch.float32)
     prompts = make_prompts([9, 2, 14, 5], seed=21)
@@ -61,7 +67,7 @@ def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers):
         per_layer_step = len(servicer.calls)
         assert 0 < per_layer_step <= 8 * cfg.num_hidden_layers
         assert max(rows for _, rows in servicer.calls) > 1  # rows of several tokens travel together
-    for c in clients:
+    for c in router.groups:
         c.close()
 
 
@@ -110,9 +116,7 @@ def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_server
 
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
-    clients = [ExpertClient(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
-    router = Router(load_gates(reader, range(cfg.num_hidden_layers), torch.float32), cfg.num_experts_per_tok,
-                    clients, cfg.num_local_experts)
+    router = router_to(expert_servers, reader)
     server, port = serve_router(RouterServicer(router, cfg.hidden_size, torch.float32))
     try:
         moe = RouterClient(f"127.0.0.1:{port}")
@@ -129,7 +133,7 @@ def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_server
         moe.close()
     finally:
         server.stop(grace=None)
-        for c in clients:
+        for c in router.groups:
             c.close()
 
 
