@@ -17,10 +17,12 @@ from expertmesh.checkpoint import CheckpointReader
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_gates
 from expertmesh.model.moe import Router
 from expertmesh.presets import DTYPES
+from expertmesh.model.decoder import DecoderStack
 from expertmesh.services.attention import AttentionServicer, serve_attention
-from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
+from expertmesh.services.expert import ExpertServicer, ExpertStream, serve_experts
+from expertmesh.services.internal import EventLoopThread
 from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, RouterMetrics, serve_metrics
-from expertmesh.services.router import RouterClient, RouterServicer, serve_router
+from expertmesh.services.router import RemoteRouter, RouterServicer, RouterStream, serve_router
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ class ExpertGroupComponent:
         self.metrics = Metrics(host, options.metrics)
         servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device(),
                                   self.metrics.make(ExpertMetrics), name)
-        self.server, port = serve_experts(servicer, f"{host}:0")
+        self.loop = EventLoopThread(f"experts-{name}")
+        self.server, port = self.loop.run(serve_experts(servicer, f"{host}:0"))
         self.experts, self._address = tuple(experts), f"{host}:{port}"
 
     def address(self) -> str:
@@ -145,13 +148,14 @@ class Metrics:
 
 
 def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
-                  options: RuntimeOptions) -> Router:
-    """The gates of `layers`, fanning out to the expert services at `groups`."""
+                  options: RuntimeOptions) -> RemoteRouter:
+    """The gates of `layers`, fanning out to the expert services at `groups`. Call it on the event
+    loop that will use it (its channels belong to that loop)."""
     cfg, device = reader.config, options.torch_device()
-    clients = [ExpertClient(g.address, g.experts, options.call_timeout_s, device=device,
+    streams = [ExpertStream(g.address, g.experts, options.call_timeout_s, device=device,
                             resolve=g.resolver(options.restart_timeout_s)) for g in groups]
-    return Router(load_gates(reader, layers, options.torch_dtype(reader), device), cfg.num_experts_per_tok,
-                  clients, cfg.num_local_experts)
+    return RemoteRouter(Router(load_gates(reader, layers, options.torch_dtype(reader), device),
+                               cfg.num_experts_per_tok, streams, cfg.num_local_experts))
 
 
 class RouterComponent:
@@ -159,14 +163,18 @@ class RouterComponent:
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], groups: Groups, options: RuntimeOptions):
         host = _setup(options)
-        reader = CheckpointReader(checkpoint)
-        cfg, dtype = reader.config, options.torch_dtype(reader)
-        router = remote_router(reader, layers, groups, options)
         self.metrics = Metrics(host, options.metrics)
-        servicer = RouterServicer(router, cfg.hidden_size, dtype, options.torch_device(),
-                                  self.metrics.make(RouterMetrics, cfg.num_local_experts))
-        self.server, port = serve_router(servicer, f"{host}:0")
+        self.loop = EventLoopThread("router")
+        self.server, port = self.loop.run(self._serve(CheckpointReader(checkpoint), layers, groups, options, host))
         self._address = f"{host}:{port}"
+
+    async def _serve(self, reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
+                     options: RuntimeOptions, host: str):
+        router = remote_router(reader, layers, groups, options)
+        metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
+        servicer = RouterServicer(metrics.metered(router) if metrics else router, layers, reader.config.hidden_size,
+                                  options.torch_dtype(reader), options.torch_device())
+        return await serve_router(servicer, f"{host}:0")
 
     def address(self) -> str:
         return self._address
@@ -187,17 +195,22 @@ class AttentionShardComponent:
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
         self.metrics = Metrics(host, options.metrics)
+        stack = load_decoder_stack(reader, layers, None, num_slots, max_len, options.torch_dtype(reader),
+                                   options.torch_device())
+        self.loop = EventLoopThread(f"attention-{name}")
+        self.server, port = self.loop.run(self._serve(reader, stack, router, options, host, name))
+        self.layers, self._address = tuple(layers), f"{host}:{port}"
+
+    async def _serve(self, reader: CheckpointReader, stack: DecoderStack, router: str | Groups,
+                     options: RuntimeOptions, host: str, name: str):
         if isinstance(router, str):
-            moe = RouterClient(router, options.call_timeout_s, device=options.torch_device())
+            moe = RouterStream(router, options.call_timeout_s, device=options.torch_device())
         else:
-            moe = remote_router(reader, layers, router, options)
+            moe = remote_router(reader, stack.layers, router, options)
             metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
             moe = metrics.metered(moe) if metrics else moe
-        stack = load_decoder_stack(reader, layers, moe, num_slots, max_len, options.torch_dtype(reader),
-                                   options.torch_device())
-        servicer = AttentionServicer(stack, self.metrics.make(AttentionMetrics), name)
-        self.server, port = serve_attention(servicer, f"{host}:0")
-        self.layers, self._address = tuple(layers), f"{host}:{port}"
+        servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name)
+        return await serve_attention(servicer, f"{host}:0")
 
     def address(self) -> str:
         return self._address

@@ -7,6 +7,7 @@ sampled ids (out of the last) travel. Inside a shard every layer calls its MoE (
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -20,26 +21,38 @@ from expertmesh.scheduler import StepPlan
 from expertmesh.services import codec
 from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
 from expertmesh.services.metrics import AttentionMetrics
-from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
+from expertmesh.services.router import AsyncMoE
+from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, EventLoopThread, StreamExchange,
+                                         channel_options, start_internal_server)
 from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
-    """Protobuf in -> StepBatch and inputs, checked -> the stack -> hidden states or sampled ids."""
+    """Protobuf in -> StepBatch and inputs, checked -> the stack -> hidden states or sampled ids.
 
-    def __init__(self, stack: DecoderStack, metrics: AttentionMetrics | None = None, name: str = "0"):
-        self.stack, self.metrics, self.name = stack, metrics, name
+    The stack runs on the server's loop thread and stops at each layer's MoE seam while the router
+    (`moe`, awaited) answers: no thread hand-off anywhere in a step."""
+
+    def __init__(self, stack: DecoderStack, moe: AsyncMoE, metrics: AttentionMetrics | None = None, name: str = "0"):
+        self.stack, self.moe, self.metrics, self.name = stack, moe, metrics, name
         self.sampler = Sampler(stack.device)
 
-    def Step(self, request, context):
+    async def Step(self, request, context):
+        return await self.step(request)
+
+    async def StepStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self.step(request)
+
+    async def step(self, request: attention_pb2.StepRequest) -> attention_pb2.StepResponse:
         start = time.perf_counter()
-        reply = self._step(request)
+        reply = await self._step(request)
         if self.metrics is not None:
             phase = "prefill" if any(s.q_len > 1 for s in request.seqs) else "decode"
             self.metrics.step.labels(self.name, phase).observe(time.perf_counter() - start)
         return reply
 
-    def _step(self, request) -> attention_pb2.StepResponse:
+    async def _step(self, request) -> attention_pb2.StepResponse:
         for rid in request.released:
             self.sampler.release(rid)
         batch = self._batch(request.seqs)
@@ -52,7 +65,7 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         else:
             inputs = codec.decode(request.hidden, "hidden", self.stack.dtype,
                                   (batch.num_tokens, self.stack.cfg.hidden_size), self.stack.device)
-        out = self.stack.forward(batch, inputs)
+        out = await self._forward(batch, inputs)
         if not self.stack.last:
             return attention_pb2.StepResponse(hidden=codec.encode(out))
         rows = [i for i, s in enumerate(request.seqs) if s.sample]
@@ -61,6 +74,15 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         seqs = [request.seqs[i] for i in rows]
         ids = self.sampler(out[rows], [s.request_id for s in seqs], [sampling_from_pb(s.sampling) for s in seqs])
         return attention_pb2.StepResponse(next_token_ids=ids)
+
+    async def _forward(self, batch: StepBatch, inputs: torch.Tensor) -> torch.Tensor:
+        steps = self.stack.steps(batch, inputs)
+        try:
+            layer, x = next(steps)
+            while True:
+                layer, x = steps.send(await self.moe(layer, x))
+        except StopIteration as done:
+            return done.value
 
     def _batch(self, seqs: Sequence[attention_pb2.SequenceStep]) -> StepBatch:
         cache = self.stack.cache
@@ -74,47 +96,85 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         return StepBatch.build(slots, [s.start for s in seqs], [s.q_len for s in seqs],
                                self.stack.cfg.sliding_window, self.stack.device)
 
-    def Describe(self, request, context):
+    async def Describe(self, request, context):
         return attention_pb2.DescribeShardResponse(layers=list(self.stack.layers), num_slots=self.stack.cache.num_slots,
                                                    max_len=self.stack.cache.max_len)
 
 
-def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1:0", workers: int = 2,
-                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Start a shard server; returns it and the port it bound. Steps of one shard never overlap (the
-    gateway runs one step at a time), so two workers suffice: a step and a Describe."""
-    return start_internal_server(servicer, attention_pb2_grpc.add_AttentionServiceServicer_to_server, address,
-                                 workers, max_message_bytes)
+async def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1:0",
+                          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+    """Start a shard server on the running loop; returns it and the port it bound. Steps of one shard
+    never overlap (the gateway runs one step at a time)."""
+    return await start_internal_server(servicer, attention_pb2_grpc.add_AttentionServiceServicer_to_server,
+                                       address, max_message_bytes)
 
 
 class ShardChain:
-    """The attention shards in layer order, as the engine's `StepRunner`."""
+    """The attention shards in layer order, as the engine's `StepRunner` (called from its thread).
+
+    A step of at least `split_at` sequences runs as two micro-batches of disjoint sequences, in flight
+    together: while one waits on its experts, the other computes attention, so the components'
+    processes overlap instead of taking turns. Each micro-batch is one message per shard on that
+    shard's stream (a lane each)."""
 
     def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.timeout_s = timeout_s
-        self.channels = [grpc.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
-        self.stubs = [attention_pb2_grpc.AttentionServiceStub(c) for c in self.channels]
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split_at: int = 4):
+        self.split_at = split_at
+        self._loop = EventLoopThread("shard-chain")
+        self._loop.run(self._connect(addresses, timeout_s, max_message_bytes))
         self._released: list[str] = []
 
+    async def _connect(self, addresses: Sequence[str], timeout_s: float, max_message_bytes: int) -> None:
+        self.channels = [grpc.aio.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
+        self.shards = [StreamExchange(attention_pb2_grpc.AttentionServiceStub(c).StepStream,
+                                      f"attention shard at {a}", timeout_s) for a, c in zip(addresses, self.channels)]
+
     def run(self, plan: StepPlan) -> list[int]:
+        released, self._released = self._released, []
+        return self._loop.run(self._run(plan, released))
+
+    async def _run(self, plan: StepPlan, released: list[str]) -> list[int]:
         seqs = [attention_pb2.SequenceStep(request_id=s.request_id, slot=s.slot, start=start, q_len=q, sample=smp,
                                            sampling=sampling_to_pb(s.params))
                 for s, start, q, smp in zip(plan.seqs, plan.starts, plan.q_lens, plan.sample)]
-        reply = self.stubs[0].Step(attention_pb2.StepRequest(seqs=seqs, token_ids=plan.token_ids,
-                                                             released=self._released if len(self.stubs) == 1 else []),
-                                   timeout=self.timeout_s)
-        for stub in self.stubs[1:]:
-            last = stub is self.stubs[-1]
-            reply = stub.Step(attention_pb2.StepRequest(seqs=seqs, hidden=reply.hidden,
-                                                        released=self._released if last else []),
-                              timeout=self.timeout_s)
-        self._released = []
+        cut = self._cut(plan.q_lens) if len(seqs) >= self.split_at else len(seqs)
+        tokens = sum(plan.q_lens[:cut])
+        parts = [(seqs[:cut], plan.token_ids[:tokens], released)]
+        if cut < len(seqs):
+            parts.append((seqs[cut:], plan.token_ids[tokens:], []))
+        outs = await asyncio.gather(*(self._chain(*part) for part in parts))
+        return [t for out in outs for t in out]  # sampled ids in the plan's order
+
+    @staticmethod
+    def _cut(q_lens: Sequence[int]) -> int:
+        """Where to split the sequences so the two micro-batches carry about equal tokens."""
+        half, total = sum(q_lens) / 2, 0
+        for i, q in enumerate(q_lens[:-1]):
+            total += q
+            if total >= half:
+                return i + 1
+        return len(q_lens) - 1
+
+    async def _chain(self, seqs: list, token_ids: Sequence[int], released: list[str]) -> list[int]:
+        last = len(self.shards) - 1
+        reply = None
+        for k, shard in enumerate(self.shards):
+            request = attention_pb2.StepRequest(seqs=seqs, released=released if k == last else [])
+            if k == 0:
+                request.token_ids.extend(token_ids)
+            else:
+                request.hidden.CopyFrom(reply.hidden)
+            reply = await shard(request)
         return list(reply.next_token_ids)
 
     def release(self, request_id: str) -> None:
         self._released.append(request_id)  # told to the last shard with the next step
 
     def close(self) -> None:
-        for c in self.channels:
-            c.close()
+        async def close():
+            for shard, channel in zip(self.shards, self.channels):
+                shard.reset()
+                await channel.close()
+
+        self._loop.run(close())
+        self._loop.close()

@@ -7,7 +7,9 @@ serving. Servicer methods therefore raise, they never build status codes themsel
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -24,22 +26,55 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Wraps the unary-unary handlers of a synchronous server (internal services)."""
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps what a grpc.aio servicer raises to a status, for unary and streaming methods.
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+    `services`: the full names of the services to guard (None: all of them); others (health,
+    reflection) abort with their own codes. `status`: exception -> code."""
+
+    def __init__(self, services: tuple[str, ...] | None = None,
+                 status: Callable[[Exception], grpc.StatusCode] = status_for):
+        self.prefixes = None if services is None else tuple(f"/{s}/" for s in services)
+        self.status = status
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or (self.prefixes is not None and not method.startswith(self.prefixes)):
             return handler
-        behavior = handler.unary_unary
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._guard_unary(handler.unary_unary, method))
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            return handler._replace(unary_stream=self._guard_stream(handler.unary_stream, method))
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            return handler._replace(stream_stream=self._guard_stream(handler.stream_stream, method))
+        return handler
 
-        def guarded(request, context):
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+        code = self.status(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("internal error in %s", method, exc_info=exc)
+        await context.abort(code, str(exc))
+
+    def _guard_unary(self, behavior, method: str):
+        async def guarded(request, context):
             try:
-                return behavior(request, context)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
-                code = status_for(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("internal error in %s", handler_call_details.method)
-                context.abort(code, str(exc))
+                await self._abort(context, method, exc)
 
-        return handler._replace(unary_unary=guarded)
+        return guarded
+
+    def _guard_stream(self, behavior, method: str):
+        async def guarded(request_or_iterator, context):
+            try:
+                async for response in behavior(request_or_iterator, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
+                await self._abort(context, method, exc)
+
+        return guarded

@@ -1,37 +1,50 @@
 """ExpertService: one expert group served over gRPC, and the router's client for it.
 
-The server wraps a local `ExpertGroup`; the client implements the same `Experts` protocol, so the
-router cannot tell a remote group from a local one. One Forward call carries every row of one layer
-that this group owns, for the whole step.
+The server wraps a local `ExpertGroup`. One message carries every row of one layer that this group
+owns, for the whole step; a router keeps one `ForwardStream` open per group and sends one message
+per layer and step over it (`ExpertStream`). The unary `Forward` is the same computation for tools.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
 import torch
 
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
-from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
+from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, StreamExchange, channel_options,
+                                         start_internal_server)
 from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+
 class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
-    """Protobuf in -> checked tensors -> the group -> protobuf out."""
+    """Protobuf in -> checked tensors -> the group -> protobuf out. Computes on the server's loop
+    thread: a group serves one message at a time, and its torch threads do the work."""
 
     def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
                  metrics: ExpertMetrics | None = None, name: str = "0"):
         self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
         self.metrics, self.name = metrics, name
 
-    def Forward(self, request, context):
+    async def Forward(self, request, context):
+        return self.forward(request)
+
+    async def ForwardStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield self.forward(request)
+
+    async def Describe(self, request, context):
+        return expert_pb2.DescribeExpertsResponse(experts=self.group.experts, layers=self.group.layers)
+
+    def forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
         start = time.perf_counter()
         x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
         ids = codec.decode(request.expert_ids, "expert_ids", torch.int64, (x.shape[0],), self.device)
@@ -43,66 +56,56 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             self.metrics.rows.labels(self.name).observe(x.shape[0])
         return reply
 
-    def Describe(self, request, context):
-        return expert_pb2.DescribeExpertsResponse(experts=self.group.experts, layers=self.group.layers)
+
+async def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0",
+                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+    """Start a server for one expert group on the running loop; returns it and the port it bound."""
+    return await start_internal_server(servicer, expert_pb2_grpc.add_ExpertServiceServicer_to_server, address,
+                                       max_message_bytes)
 
 
-def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0", workers: int = 4,
-                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Start a server for one expert group; returns it and the port it bound."""
-    return start_internal_server(servicer, expert_pb2_grpc.add_ExpertServiceServicer_to_server, address, workers,
-                                 max_message_bytes)
-
-
-class _PendingCall:
-    def __init__(self, future: futures.Future, device):
-        self.future, self.device = future, device
-
-    def result(self) -> torch.Tensor:
-        return codec.decode(self.future.result().hidden, "hidden", device=self.device)
-
-
-class ExpertClient:
-    """A remote expert group, as the router sees it (`Experts` protocol)."""
+class ExpertStream:
+    """A remote expert group as the router sees it: `await forward(layer, x, expert_ids)` sends one
+    message on a long-lived ForwardStream and returns the group's rows. Used on one event loop."""
 
     def __init__(self, address: str, experts: tuple[int, ...], timeout_s: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
                  resolve: Callable[[], str] | None = None):
-        """`resolve`, if given, returns the group's current address: a call that finds the group gone
-        (UNAVAILABLE) asks it, reconnects and is sent again once. Expert calls are pure functions of
-        their input, so a retry cannot duplicate anything."""
+        """`resolve`, if given, returns the group's current address (blocking; it may wait for Ray to
+        restart the group): a message that finds the group gone (UNAVAILABLE) asks it, reconnects and
+        is sent again once. Expert calls are pure functions of their input, so a retry cannot
+        duplicate anything. `timeout_s` bounds every message's round trip."""
         self.experts, self.timeout_s, self.device, self.resolve = tuple(experts), timeout_s, device, resolve
         self._options = channel_options(max_message_bytes)
         self._connect(address)
-        # Blocking calls on a long-lived thread, not grpc's `.future()`: that starts a new polling
-        # thread whenever the channel goes from no call in flight to one, i.e. on every call here
-        # (about 1 ms per call, measured).
-        self._caller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{address}")
 
     def _connect(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=self._options)
-        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+        self.channel = grpc.aio.insecure_channel(address, options=self._options)
+        stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+        self._exchange = StreamExchange(stub.ForwardStream, f"expert group at {address}", self.timeout_s)
 
-    def submit(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> _PendingCall:
+    async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         request = expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
                                                   expert_ids=codec.encode(expert_ids))
-        return _PendingCall(self._caller.submit(self._forward, request), self.device)
-
-    def _forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
         try:
-            return self.stub.Forward(request, timeout=self.timeout_s)
+            reply = await self._exchange(request)
         except grpc.RpcError as exc:
             if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             log.warning("expert group at %s unavailable (%s); waiting for it to come back", self.address,
                         exc.details())
-        old = self.channel
-        self._connect(self.resolve())
-        old.close()
-        log.info("expert group back at %s; retrying the call", self.address)
-        return self.stub.Forward(request, timeout=self.timeout_s)
+            await self._reconnect()
+            reply = await self._exchange(request)
+        return codec.decode(reply.hidden, "hidden", x.dtype, tuple(x.shape), self.device)
 
-    def close(self) -> None:
-        self._caller.shutdown(wait=False)
-        self.channel.close()
+    async def _reconnect(self) -> None:
+        old = self.channel
+        address = await asyncio.get_running_loop().run_in_executor(None, self.resolve)
+        self._connect(address)
+        await old.close()
+        log.info("expert group back at %s; sending the message again", self.address)
+
+    async def close(self) -> None:
+        self._exchange.reset()
+        await self.channel.close()

@@ -1,10 +1,19 @@
-"""What the internal services (expert groups, routers, attention shards) share: server start-up and
-channel options. Message limits are set deliberately for the largest prefill, on both ends."""
+"""What the internal services (expert groups, routers, attention shards) share: the event loop they
+run on, server start-up and channel options. Message limits are set deliberately for the largest
+prefill, on both ends.
+
+Every internal server and client is grpc.aio on one event loop per process, and the hot calls are
+long-lived bidirectional streams (one message per layer and step): on these 2-core machines a stream
+message costs well under half a unary call, and one loop thread means no thread hand-offs inside a
+component (see MEASUREMENTS and benchmarks/results/cluster_vs_engine.md).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent import futures
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -12,18 +21,75 @@ from expertmesh.services.errors import ErrorMappingInterceptor
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
 
+T = TypeVar("T")
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def start_internal_server(servicer, add_to_server: Callable[[object, grpc.Server], None], address: str,
-                          workers: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """A synchronous gRPC server for one servicer, errors mapped in one place; returns it and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
+class EventLoopThread:
+    """An asyncio loop on a daemon thread: where a component's server and its clients live, so the
+    component's own (synchronous) code, e.g. a Ray actor's methods, can start and stop them."""
+
+    def __init__(self, name: str = "expertmesh-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run `coro` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+async def start_internal_server(servicer, add_to_server: Callable[[object, grpc.aio.Server], None], address: str,
+                                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server for one servicer on the running loop, errors mapped in one place; returns it
+    and its port."""
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
     add_to_server(servicer, server)
     port = server.add_insecure_port(address)
-    server.start()
+    await server.start()
     return server, port
+
+
+class StreamExchange:
+    """Request -> reply over long-lived bidirectional streams. A stream carries one message at a
+    time and is answered in order; up to `lanes` streams carry messages concurrently (the micro-batches
+    of a step). Streams open on first use and are dropped after any failure (a failed stream cannot be
+    trusted to be in step). `timeout_s` bounds each round trip."""
+
+    def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], peer: str, timeout_s: float,
+                 lanes: int = 2):
+        self.open_stream, self.peer, self.timeout_s = open_stream, peer, timeout_s
+        self._idle: list[grpc.aio.StreamStreamCall] = []
+        self._lanes = asyncio.Semaphore(lanes)
+
+    async def __call__(self, request):
+        async with self._lanes:
+            call = self._idle.pop() if self._idle else self.open_stream()
+            try:
+                await call.write(request)
+                reply = await asyncio.wait_for(call.read(), self.timeout_s)
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise TimeoutError(f"{self.peer}: no reply within {self.timeout_s} s") from None
+            except BaseException:
+                call.cancel()
+                raise
+            if reply is grpc.aio.EOF:
+                call.cancel()
+                raise ConnectionError(f"{self.peer} closed its stream")
+            self._idle.append(call)
+            return reply
+
+    def reset(self) -> None:
+        """Close every idle stream."""
+        for call in self._idle:
+            call.cancel()
+        self._idle.clear()

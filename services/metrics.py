@@ -14,13 +14,16 @@ import logging
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from expertmesh.model.moe import MoE, Router
+
+if TYPE_CHECKING:
+    from expertmesh.services.router import AsyncMoE, RemoteRouter
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +48,14 @@ class RouterMetrics:
                                 "Hidden-state bytes received from expert groups", registry=registry)
         self.num_experts = num_experts
 
-    def metered(self, router: Router) -> MoE:
+    def metered(self, router: RemoteRouter) -> AsyncMoE:
         """`router` as an MoE that records routing, dispatch latency and bytes (installs its observer)."""
-        router.observe = self.observe_routing
-        top_k = router.top_k
+        router.router.observe = self.observe_routing
+        top_k = router.router.top_k
 
-        def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
+        async def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
             start = time.perf_counter()
-            y = router(layer, x)
+            y = await router(layer, x)
             self.dispatch.labels(layer).observe(time.perf_counter() - start)
             nbytes = x.shape[0] * top_k * x.shape[1] * x.element_size()  # each routed row, out and back
             self.sent.inc(nbytes)

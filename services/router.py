@@ -1,57 +1,89 @@
 """RouterService: every layer's gate, fanning a step's tokens out to the expert groups.
 
-The server wraps a `Router` whose groups are `ExpertClient`s: per call (one layer of one step) it
-routes every token to its top-k experts, sends each group that has rows one batched Forward (all
-groups in flight at once), and returns the weighted combination. The client implements the `MoE`
-protocol, so an attention shard cannot tell the remote router from local experts.
+`RemoteRouter` is the MoE over remote groups: per layer of a step it routes every token to its top-k
+experts, sends each group that has rows one message on that group's stream (all groups in flight at
+once), and returns the weighted combination. It runs inside the RouterService, or inside an attention
+shard (router "inline"). `RouterStream` is the remote router as an attention shard sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+
 import grpc
 import torch
 
-from expertmesh.model.moe import Router
+from expertmesh.model.moe import Router, combine
 from expertmesh.services import codec
-from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, channel_options, start_internal_server
-from expertmesh.services.metrics import RouterMetrics
+from expertmesh.services.expert import ExpertStream
+from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, StreamExchange, channel_options,
+                                         start_internal_server)
 from expertmesh.v1 import router_pb2, router_pb2_grpc
+
+AsyncMoE = Callable[[int, torch.Tensor], Awaitable[torch.Tensor]]
+"""`await moe(layer, x [T, D])` -> [T, D]: the `MoE` seam, reached over the network."""
+
+
+class RemoteRouter:
+    """A `Router` (gates, routing, dispatch plan, combine) whose groups are `ExpertStream`s."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            plan, work = self.router.dispatch(layer, x)
+        groups: list[ExpertStream] = self.router.groups
+        replies = iter(await asyncio.gather(*(g.forward(layer, *w) for g, w in zip(groups, work) if w)))
+        with torch.inference_mode():
+            return combine(plan, [next(replies) if w else None for w in work], x)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(g.close() for g in self.router.groups))
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, router: Router, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
-                 metrics: RouterMetrics | None = None):
-        self.router, self.hidden_size, self.dtype, self.device = router, hidden_size, dtype, device
-        self.moe = metrics.metered(router) if metrics is not None else router
+    def __init__(self, moe: AsyncMoE, layers: Iterable[int], hidden_size: int, dtype: torch.dtype,
+                 device: str = "cpu"):
+        self.moe, self.layers, self.hidden_size, self.dtype, self.device = moe, set(layers), hidden_size, dtype, device
 
-    def Route(self, request, context):
-        if request.layer not in self.router.gates:
+    async def Route(self, request, context):
+        return await self.route(request)
+
+    async def RouteStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self.route(request)
+
+    async def route(self, request: router_pb2.RouteRequest) -> router_pb2.RouteResponse:
+        if request.layer not in self.layers:
             raise ValueError(f"layer: {request.layer} has no gate in this router")
         x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
-        with torch.inference_mode():
-            y = self.moe(request.layer, x)
-        return router_pb2.RouteResponse(hidden=codec.encode(y))
+        return router_pb2.RouteResponse(hidden=codec.encode(await self.moe(request.layer, x)))
 
 
-def serve_router(servicer: RouterServicer, address: str = "127.0.0.1:0", workers: int = 8,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Start a router server; returns it and the port it bound."""
-    return start_internal_server(servicer, router_pb2_grpc.add_RouterServiceServicer_to_server, address, workers,
-                                 max_message_bytes)
+async def serve_router(servicer: RouterServicer, address: str = "127.0.0.1:0",
+                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+    """Start a router server on the running loop; returns it and the port it bound."""
+    return await start_internal_server(servicer, router_pb2_grpc.add_RouterServiceServicer_to_server, address,
+                                       max_message_bytes)
 
 
-class RouterClient:
-    """The remote router as an attention shard sees it (`MoE` protocol): one call per layer per step."""
+class RouterStream:
+    """The remote router as an attention shard sees it (`AsyncMoE`): one message per layer and step
+    on a long-lived RouteStream."""
 
     def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  device: str = "cpu"):
-        self.address, self.timeout_s, self.device = address, timeout_s, device
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
-        self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
+        self.address, self.device = address, device
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        stub = router_pb2_grpc.RouterServiceStub(self.channel)
+        self._exchange = StreamExchange(stub.RouteStream, f"router at {address}", timeout_s)
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        reply = self.stub.Route(router_pb2.RouteRequest(layer=layer, hidden=codec.encode(x)), timeout=self.timeout_s)
+    async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        reply = await self._exchange(router_pb2.RouteRequest(layer=layer, hidden=codec.encode(x)))
         return codec.decode(reply.hidden, "hidden", x.dtype, tuple(x.shape), self.device)
 
-    def close(self) -> None:
-        self.channel.close()
+    async def close(self) -> None:
+        self._exchange.reset()
+        await self.channel.close()

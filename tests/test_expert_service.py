@@ -1,5 +1,8 @@
 """Expert groups as real gRPC servers on loopback: same output as local experts, batched calls,
-malformed calls rejected with INVALID_ARGUMENT while the server keeps serving."""
+malformed calls rejected with INVALID_ARGUMENT while the server keeps serving.
+
+The servers and the streams to them live on an `EventLoopThread`, as in a cluster component; the
+decoder stacks here call them synchronously through `on_loop`."""
 
 from __future__ import annotations
 
@@ -10,10 +13,10 @@ import torch
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.checkpoint import split_range
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_local_model
-from expertmesh.model.moe import Router
 from expertmesh.services import codec
-from expertmesh.services.expert import ExpertClient, ExpertServicer, serve_experts
-from expertmesh.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
+from expertmesh.services.expert import ExpertServicer, ExpertStream, serve_experts
+from expertmesh.services.internal import EventLoopThread
+from expertmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 from test_parity import make_prompts, our_greedy
 
 
@@ -22,38 +25,54 @@ class CountingServicer(ExpertServicer):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[int, int]] = []  # (layer, rows)
 
-    def Forward(self, request, context):
+    def forward(self, request):
         self.calls.append((request.layer, request.hidden.shape[0]))
-        return super().Forward(request, context)
+        return super().forward(request)
 
 
 @pytest.fixture(scope="module")
-def expert_servers(tiny_ckpt):
+def loop():
+    thread = EventLoopThread("test-services")
+    yield thread
+    thread.close()
+
+
+def on_loop(loop, moe):
+    """An async MoE as the synchronous `MoE` a DecoderStack calls."""
+    return lambda layer, x: loop.run(moe(layer, x), timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def expert_servers(tiny_ckpt, loop):
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
     servers = []
     for experts in split_range(cfg.num_local_experts, 4, "expert_groups"):
         servicer = CountingServicer(load_expert_group(reader, experts, torch.float32), cfg.hidden_size, torch.float32)
-        server, port = serve_experts(servicer)
+        server, port = loop.run(serve_experts(servicer))
         servers.append((experts, servicer, server, port))
     yield servers
     for _, _, server, _ in servers:
-        server.stop(grace=None)
+        loop.run(server.stop(grace=None))
 
 
-def router_to(expert_servers, reader) -> Router:
+def router_to(expert_servers, reader, loop):
     """Gates of every layer fanning out to the servers, built as the cluster's router actors build it."""
     from expertmesh.orchestrator.actors import GroupEndpoint, RuntimeOptions, remote_router
 
     groups = [GroupEndpoint(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
-    return remote_router(reader, tuple(range(reader.config.num_hidden_layers)), groups, RuntimeOptions())
+
+    async def build():
+        return remote_router(reader, tuple(range(reader.config.num_hidden_layers)), groups, RuntimeOptions())
+
+    return loop.run(build())
 
 
-def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers):
+def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers, loop):
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
-    router = router_to(expert_servers, reader)
-    remote = load_decoder_stack(reader, range(cfg.num_hidden_layers), router, 4, 64, torch.float32)
+    router = router_to(expert_servers, reader, loop)
+    remote = load_decoder_stack(reader, range(cfg.num_hidden_layers), on_loop(loop, router), 4, 64, torch.float32)
     local = load_local_model(reader, 4, 64, torch.float32)
     prompts = make_prompts([9, 2, 14, 5], seed=21)
     for _, servicer, _, _ in expert_servers:
@@ -62,20 +81,19 @@ def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers):
     local_tokens, local_logits = our_greedy(local, prompts, 8)
     assert remote_tokens == local_tokens
     assert torch.equal(remote_logits, local_logits)  # the wire is lossless
-    # one call per group per layer per step (8 steps x 2 layers), never one per token
+    # one message per group per layer per step (8 steps x 2 layers), never one per token
     for _, servicer, _, _ in expert_servers:
         per_layer_step = len(servicer.calls)
         assert 0 < per_layer_step <= 8 * cfg.num_hidden_layers
         assert max(rows for _, rows in servicer.calls) > 1  # rows of several tokens travel together
-    for c in router.groups:
-        c.close()
+    loop.run(router.close())
 
 
 def forward(stub, layer, hidden, ids):
     return stub.Forward(expert_pb2.ExpertForwardRequest(layer=layer, hidden=hidden, expert_ids=ids), timeout=10)
 
 
-def test_malformed_calls_are_invalid_argument_and_the_server_keeps_serving(expert_servers):
+def test_malformed_calls_are_invalid_argument_and_the_server_keeps_serving(expert_servers, loop):
     experts, _, _, port = expert_servers[1]  # owns experts (2, 3)
     stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     x = torch.randn(3, 64)
@@ -102,6 +120,23 @@ def test_malformed_calls_are_invalid_argument_and_the_server_keeps_serving(exper
     info = stub.Describe(expert_pb2.DescribeExpertsRequest(), timeout=10)
     assert tuple(info.experts) == experts and tuple(info.layers) == (0, 1)
 
+    # The same on the stream a router keeps open: a bad message ends that stream with
+    # INVALID_ARGUMENT; the next message opens a new one and is answered.
+    async def over_stream():
+        stream = ExpertStream(f"127.0.0.1:{port}", experts, timeout_s=10)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                await stream.forward(0, x, torch.tensor([0, 2, 3]))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not owned" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                await stream.forward(0, x.half(), ids)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dtype" in err.value.details()
+            return await stream.forward(1, x, ids)
+        finally:
+            await stream.close()
+
+    assert torch.equal(loop.run(over_stream(), timeout_s=60), out)
+
 
 def test_codec_round_trips_every_dtype():
     for dtype in codec.DTYPES.values():
@@ -110,17 +145,23 @@ def test_codec_round_trips_every_dtype():
     assert codec.decode(codec.encode(torch.empty(0, 5)), "t").shape == (0, 5)
 
 
-def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_servers):
+def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_servers, loop):
     """The full data path across processes' interfaces: attention -> RouterService -> ExpertServices."""
-    from expertmesh.services.router import RouterClient, RouterServicer, serve_router
+    from expertmesh.services.router import RouterServicer, RouterStream, serve_router
 
     reader = CheckpointReader(tiny_ckpt)
     cfg = reader.config
-    router = router_to(expert_servers, reader)
-    server, port = serve_router(RouterServicer(router, cfg.hidden_size, torch.float32))
+    router = router_to(expert_servers, reader, loop)
+    layers = range(cfg.num_hidden_layers)
+    server, port = loop.run(serve_router(RouterServicer(router, layers, cfg.hidden_size, torch.float32)))
+
+    async def connect():
+        return RouterStream(f"127.0.0.1:{port}")
+
     try:
-        moe = RouterClient(f"127.0.0.1:{port}")
-        remote = load_decoder_stack(reader, range(cfg.num_hidden_layers), moe, 3, 64, torch.float32)
+        stream = loop.run(connect())
+        moe = on_loop(loop, stream)
+        remote = load_decoder_stack(reader, layers, moe, 3, 64, torch.float32)
         local = load_local_model(reader, 3, 64, torch.float32)
         prompts = make_prompts([4, 11, 7], seed=5)
         remote_tokens, remote_logits = our_greedy(remote, prompts, 6)
@@ -130,11 +171,14 @@ def test_attention_to_router_service_to_expert_services(tiny_ckpt, expert_server
             moe(9, torch.zeros(2, cfg.hidden_size))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert moe(0, torch.zeros(2, cfg.hidden_size)).shape == (2, cfg.hidden_size)  # still serving
-        moe.close()
+        unary = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        reply = unary.Route(router_pb2.RouteRequest(layer=1, hidden=codec.encode(torch.ones(2, cfg.hidden_size))),
+                            timeout=30)
+        assert torch.equal(codec.decode(reply.hidden, "hidden"), moe(1, torch.ones(2, cfg.hidden_size)))
+        loop.run(stream.close())
     finally:
-        server.stop(grace=None)
-        for c in router.groups:
-            c.close()
+        loop.run(server.stop(grace=None))
+        loop.run(router.close())
 
 
 @pytest.mark.parametrize("metrics", [True, False])
@@ -147,10 +191,9 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
     threads = torch.get_num_threads()  # the component sets its process's torch threads; put them back
     component = ExpertGroupComponent(str(tiny_ckpt), (0, 1), RuntimeOptions(host="127.0.0.1", metrics=metrics), "3")
     try:
-        client = ExpertClient(component.address(), (0, 1))
-        y = client.submit(0, torch.randn(2, 64), torch.tensor([0, 1])).result()
-        assert y.shape == (2, 64)
-        client.close()
+        stub = expert_pb2_grpc.ExpertServiceStub(grpc.insecure_channel(component.address()))
+        y = forward(stub, 0, codec.encode(torch.randn(2, 64)), codec.encode(torch.tensor([0, 1])))
+        assert codec.decode(y.hidden, "hidden").shape == (2, 64)
         address = component.info()["metrics"]
         if not metrics:
             assert address is None
@@ -159,5 +202,6 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
         assert 'expertmesh_expert_forward_seconds_count{group="3"} 1.0' in text
         assert 'expertmesh_expert_rows_sum{group="3"} 2.0' in text
     finally:
-        component.server.stop(grace=None)
+        component.loop.run(component.server.stop(grace=None))
+        component.loop.close()
         torch.set_num_threads(threads)

@@ -151,11 +151,15 @@ class Router:
         # On the gates' device, so the per-layer dispatch never copies it across devices.
         self.group_of_expert = group_of_expert.to(next(iter(self.gates.values())).device)
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, layer: int, x: torch.Tensor) -> tuple[Dispatch, list[tuple[torch.Tensor, torch.Tensor] | None]]:
+        """Route x: [T, D] of `layer`; per group, its rows and their expert ids (None: no rows)."""
         weights, experts = route(x, self.gates[layer], self.top_k)
         if self.observe is not None:
             self.observe(layer, experts, weights)
-        dispatch = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
-        pending = [group.submit(layer, x[dispatch.tokens[rows]], dispatch.experts[rows]) if rows.numel() else None
-                   for group, rows in zip(self.groups, dispatch.rows)]  # all groups start before any wait
-        return combine(dispatch, [p.result() if p else None for p in pending], x)
+        plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
+        return plan, [(x[plan.tokens[rows]], plan.experts[rows]) if rows.numel() else None for rows in plan.rows]
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        plan, work = self.dispatch(layer, x)
+        pending = [group.submit(layer, *w) if w else None for group, w in zip(self.groups, work)]  # all start first
+        return combine(plan, [p.result() if p else None for p in pending], x)
