@@ -23,6 +23,8 @@ from expertmesh.presets import DTYPES, PRESETS, write_preset
 log = logging.getLogger("expertmesh")
 
 DEFAULT_PRESET = "tiny"
+# Where `generate` finds the bearer token when no flag gives one: out of `ps`, out of shell history.
+TOKEN_ENV = "EXPERTMESH_AUTH_TOKEN"
 
 
 def default_checkpoint(preset: str = DEFAULT_PRESET) -> Path:
@@ -57,6 +59,19 @@ def _sampling_params(args: argparse.Namespace):
                           max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
+def _token_args(p: argparse.ArgumentParser, what: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--auth-token-file", metavar="FILE", help=f"file holding the bearer token {what}")
+    group.add_argument("--auth-token", metavar="TOKEN",
+                       help="the token itself; other users can read it in `ps`: prefer --auth-token-file")
+
+
+def _warn_if_token_in_argv(args: argparse.Namespace) -> None:
+    if args.auth_token is not None:
+        log.warning("--auth-token puts the token where other users of this machine can read it (ps, "
+                    "/proc); use --auth-token-file instead")
+
+
 def cmd_init_model(args: argparse.Namespace) -> int:
     files = write_preset(args.preset, args.out, seed=args.seed, dtype=args.dtype,
                          max_shard_bytes=args.max_shard_mb << 20)
@@ -69,16 +84,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_local(args)
     import grpc
 
+    from expertmesh.services.access import bearer_metadata
     from expertmesh.services.convert import sampling_to_pb
     from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
     sampling = sampling_to_pb(_sampling_params(args))
-    with grpc.insecure_channel(args.address) as channel:
+    channel, token = _connect(args)
+    with channel:
         stub = generate_pb2_grpc.GenerateServiceStub(channel)
         try:
             sys.stdout.write(args.prompt)
             for msg in stub.GenerateStream(generate_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling),
-                                           timeout=args.timeout):
+                                           timeout=args.timeout, metadata=bearer_metadata(token)):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
                 if msg.finish_reason:
@@ -89,6 +106,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"\nexpertmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _connect(args: argparse.Namespace):
+    """`generate`'s channel (TLS with --tls or --tls-ca) and bearer token (a flag, else $EXPERTMESH_AUTH_TOKEN)."""
+    import grpc
+
+    from expertmesh.services.access import read_file, read_token
+
+    _warn_if_token_in_argv(args)
+    token = read_token(args.auth_token, args.auth_token_file)
+    if token is None and os.environ.get(TOKEN_ENV):
+        token = read_token(os.environ[TOKEN_ENV], source=TOKEN_ENV)
+    if args.tls or args.tls_ca:
+        ca = read_file("--tls-ca", args.tls_ca) if args.tls_ca else None
+        return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(root_certificates=ca)), token
+    if token:
+        log.warning("sending the bearer token without TLS: add --tls or --tls-ca unless the connection is local "
+                    "or tunnelled")
+    return grpc.insecure_channel(args.address), token
 
 
 def _generate_local(args: argparse.Namespace) -> int:
@@ -119,7 +155,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
-        threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port)
+        threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
+    _warn_if_token_in_argv(args)
     return asyncio.run(serve(opts))
 
 
@@ -152,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of the call, seconds")
     p.add_argument("--local", action="store_true", help="run the single-process engine here instead")
     p.add_argument("--model", help="with --local: checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CA certificates")
+    p.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this CA certificate (PEM)")
+    _token_args(p, f"to send (default: ${TOKEN_ENV}, if set)")
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -177,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per component")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve the API over TLS with this PEM certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
+    _token_args(p, "every call must carry (health checks stay open)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("top", help="live layer x expert load heat map from a server's metrics endpoint")

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -24,6 +24,7 @@ from expertmesh.orchestrator.cluster import Cluster
 from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
+from expertmesh.services.access import PublicAccess
 from expertmesh.services.gateway import ExpertGroupPlacement, ModelInfo, start_gateway
 from expertmesh.services.gateway_loop import EngineLoop
 from expertmesh.services.metrics import ClusterCollector, GatewayMetrics, serve_metrics
@@ -53,6 +54,11 @@ class ServeOptions:
     threads: int = 1
     metrics_port: int | None = None
     grace_s: float = 10.0
+    # The public API's access control (see services/access.py): PEM files, and the token or its file.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: str | None = None
 
 
 def _init_ray(address: str | None) -> bool:
@@ -109,6 +115,8 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
 
 
 async def serve(opts: ServeOptions) -> int:
+    # Certificates and token are checked before anything starts: a bad flag fails in a second, not after Ray.
+    access = PublicAccess.load(opts.tls_cert, opts.tls_key, opts.auth_token, opts.auth_token_file)
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
@@ -117,7 +125,7 @@ async def serve(opts: ServeOptions) -> int:
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)
         gateway, port = await start_gateway(EngineLoop(engine, metrics=metrics), info, f"{opts.host}:{opts.port}",
-                                            ready=True)
+                                            ready=True, access=access)
         if opts.metrics_port is not None:
             metrics_port = serve_cluster_metrics(cluster, registry, metrics, opts.host, opts.metrics_port)
             print(f"expertmesh: metrics on http://{opts.host}:{metrics_port}/metrics", flush=True)

@@ -6,7 +6,8 @@
 Protobuf stops at the servicer: `*_from_pb` / `*_to_pb` convert, the engine loop (`gateway_loop.py`)
 sees only domain types. Servicer methods raise; `ErrorMappingInterceptor` is the one place errors
 become status codes. `start_gateway` serves GenerateService next to the standard `grpc.health.v1`
-service and server reflection, so generic tooling (grpcurl, `shared/tools/api_smoke.py`) can use it.
+service and server reflection, so generic tooling (grpcurl, `shared/tools/api_smoke.py`) can use it;
+`PublicAccess` (`access.py`) adds TLS and a bearer token in front of them all, health excepted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from expertmesh.engine import Engine, GenerationRequest, StepOutput
+from expertmesh.services.access import PublicAccess
 from expertmesh.services.convert import sampling_from_pb
 from expertmesh.services.errors import status_for
 from expertmesh.services.gateway_loop import EngineLoop, EngineUnavailableError
@@ -202,22 +204,28 @@ class Gateway:
 
 async def start_gateway(engine_loop_or_engine: EngineLoop | Engine, model_info: ModelInfo,
                         address: str = "127.0.0.1:0", *, ready: bool = False,
-                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[Gateway, int]:
+                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                        access: PublicAccess = PublicAccess()) -> tuple[Gateway, int]:
     """Start GenerateService, grpc.health.v1 and reflection on `address`; returns the gateway and the
     bound port (bind port 0 in tests). An Engine is wrapped in a new EngineLoop; the loop is started.
-    Health says SERVING only once `ready` is true or `Gateway.set_serving(True)` is called."""
+    Health says SERVING only once `ready` is true or `Gateway.set_serving(True)` is called. `access`
+    says whether the port speaks TLS and which token calls need (default: plaintext, open)."""
     engine_loop = engine_loop_or_engine
     if isinstance(engine_loop, Engine):
         engine_loop = EngineLoop(engine_loop)
     engine_loop.start()
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()],
+    server = grpc.aio.server(interceptors=[*access.interceptors(), ErrorMappingInterceptor()],
                              options=[("grpc.max_send_message_length", max_message_bytes),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(engine_loop, model_info), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = access.add_port(server, address)
+    log.info("GenerateService on %s (port %d): %s", address, port, access.describe())
+    if access.token and not access.tls:
+        log.warning("a bearer token without TLS crosses the network in clear text: use --tls-cert and --tls-key "
+                    "unless a TLS proxy in front of the gateway terminates the connection")
     gateway = Gateway(server, engine_loop, health_servicer)
     await gateway.set_serving(ready)
     await server.start()
