@@ -13,7 +13,6 @@ service and server reflection, so generic tooling (grpcurl, `shared/tools/api_sm
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from expertmesh.engine import Engine, GenerationRequest, StepOutput
 from expertmesh.services.access import PublicAccess
 from expertmesh.services.convert import sampling_from_pb
-from expertmesh.services.errors import status_for
+from expertmesh.services.errors import ErrorMappingInterceptor, status_for
 from expertmesh.services.gateway_loop import EngineLoop, EngineUnavailableError
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
@@ -130,55 +129,6 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     return status_for(exc)
 
 
-async def _abort_with(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-    code = status_of(exc)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error("internal error in %s", method, exc_info=exc)
-    await context.abort(code, str(exc))
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """The one place GenerateService errors become status codes, for unary and streaming methods.
-
-    Health and reflection are left alone (they abort with their own codes)."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
-        return handler
-
-
-def _guard_unary(behavior, method: str):
-    async def guarded(request, context):
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
-            await _abort_with(context, method, exc)
-
-    return guarded
-
-
-def _guard_stream(behavior, method: str):
-    async def guarded(request, context):
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
-            await _abort_with(context, method, exc)
-
-    return guarded
-
-
 class Gateway:
     """A running gateway: the grpc.aio server, its engine loop and its health service."""
 
@@ -214,7 +164,7 @@ async def start_gateway(engine_loop_or_engine: EngineLoop | Engine, model_info: 
     if isinstance(engine_loop, Engine):
         engine_loop = EngineLoop(engine_loop)
     engine_loop.start()
-    server = grpc.aio.server(interceptors=[*access.interceptors(), ErrorMappingInterceptor()],
+    server = grpc.aio.server(interceptors=[*access.interceptors(), ErrorMappingInterceptor((SERVICE_NAME,), status_of)],
                              options=[("grpc.max_send_message_length", max_message_bytes),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(engine_loop, model_info), server)
