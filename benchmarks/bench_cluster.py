@@ -8,6 +8,7 @@ time from the last first-token to the end), time to first token (median), and p5
 latency; plus the bytes the cluster moves per generated token per layer.
 
     python benchmarks/bench_cluster.py --model DIR [--shards 2 --groups 4] [--concurrency 1 8 32]
+        [--router service inline]
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cluster actor")
-    parser.add_argument("--router", choices=["service", "inline"], default="service")
+    parser.add_argument("--router", choices=["service", "inline"], nargs="+", default=["service", "inline"],
+                        help="where each cluster's router runs; several: one cluster each, measured side by side")
     args = parser.parse_args()
 
     import ray
@@ -76,23 +78,25 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups)
-    cluster = Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len, router=args.router).start()
-    remote = Engine(cluster.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
+    clusters = {f"cluster, router {r}": Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len,
+                                                router=r).start() for r in args.router}
+    sides = {"engine": local, **{name: Engine(cl.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
+                                 for name, cl in clusters.items()}}
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: {args.shards} attention shards x "
-          f"{args.groups} expert groups, router: {args.router}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"greedy fp32, median of {args.rounds} rounds\n")
-    print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | cluster/engine |")
+          f"{args.groups} expert groups; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"greedy fp32, median of {args.rounds} rounds, sides interleaved in each round\n")
+    print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | vs engine |")
     print("|---|---|---|---|---|---|---|")
     for c in args.concurrency:
-        measure(local, make_requests(c, args.prompt_len, 4)), measure(remote, make_requests(c, args.prompt_len, 4))
-        results = {"engine": [], "cluster": []}
+        for engine in sides.values():  # warm-up
+            measure(engine, make_requests(c, args.prompt_len, 4))
+        results: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.rounds):
-            results["engine"].append(measure(local, make_requests(c, args.prompt_len, args.new_tokens)))
-            results["cluster"].append(measure(remote, make_requests(c, args.prompt_len, args.new_tokens)))
+            for side, engine in sides.items():
+                results[side].append(measure(engine, make_requests(c, args.prompt_len, args.new_tokens)))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in results.items()}
-        for side in ("engine", "cluster"):
-            m = med[side]
-            ratio = f"{med['cluster']['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side == "cluster" else ""
+        for side, m in med.items():
+            ratio = f"{m['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side != "engine" else ""
             print(f"| {c} | {side} | {m['decode_tps']:.1f} | {m['ttft'] * 1e3:.0f} | {m['itl_p50'] * 1e3:.1f} | "
                   f"{m['itl_p99'] * 1e3:.1f} | {ratio} |", flush=True)
     d, itemsize, k = local.cfg.hidden_size, 4, local.cfg.num_experts_per_tok
@@ -100,7 +104,8 @@ def main() -> None:
     print(f"\nbytes per generated token per layer on the wire: {(2 + 2 * k) * d * itemsize} "
           f"(hidden {d} x fp32; shard<->router 2 x D, router<->groups 2 x top-{k} x D), "
           f"plus {d * itemsize * 2 // local.cfg.num_hidden_layers} per layer amortised between shards")
-    cluster.shutdown()
+    for cl in clusters.values():
+        cl.shutdown()
     ray.shutdown()
 
 

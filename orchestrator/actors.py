@@ -103,15 +103,16 @@ class ExpertGroupComponent:
 
 
 @dataclass(frozen=True)
-class GroupEndpoint:
-    """Where an expert group listens; `actor` (its Ray handle) tells the new address after a restart."""
+class Endpoint:
+    """Where a restartable service (an expert group, a router) listens; `actor` (its Ray handle)
+    tells the new address after a restart. `experts`: what an expert group owns."""
 
     address: str
-    experts: tuple[int, ...]
     actor: object | None = None
+    experts: tuple[int, ...] = ()
 
     def resolver(self, timeout_s: float):
-        """A callable that waits (up to `timeout_s`) for the group to be alive and returns its address."""
+        """A callable that waits (up to `timeout_s`) for the service to be alive and returns its address."""
         if self.actor is None:
             return None
         actor = self.actor
@@ -131,7 +132,7 @@ class GroupEndpoint:
         return resolve
 
 
-Groups = list[GroupEndpoint]
+Groups = list[Endpoint]
 
 
 class Metrics:
@@ -186,11 +187,11 @@ class RouterComponent:
 class AttentionShardComponent:
     """Serves the attention side of `layers` with a KV cache of `num_slots` x `max_len` positions.
 
-    `router` is the address of its RouterService, or the expert groups themselves: then the router
-    runs inside this process and each layer saves a network hop.
+    `router` is its RouterService, or the expert groups themselves: then the router runs inside this
+    process and each layer saves a network hop.
     """
 
-    def __init__(self, checkpoint: str, layers: tuple[int, ...], router: str | Groups, num_slots: int,
+    def __init__(self, checkpoint: str, layers: tuple[int, ...], router: Endpoint | Groups, num_slots: int,
                  max_len: int, options: RuntimeOptions, name: str = "0"):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
@@ -201,10 +202,11 @@ class AttentionShardComponent:
         self.server, port = self.loop.run(self._serve(reader, stack, router, options, host, name))
         self.layers, self._address = tuple(layers), f"{host}:{port}"
 
-    async def _serve(self, reader: CheckpointReader, stack: DecoderStack, router: str | Groups,
+    async def _serve(self, reader: CheckpointReader, stack: DecoderStack, router: Endpoint | Groups,
                      options: RuntimeOptions, host: str, name: str):
-        if isinstance(router, str):
-            moe = RouterStream(router, options.call_timeout_s, device=options.torch_device())
+        if isinstance(router, Endpoint):
+            moe = RouterStream(router.address, options.call_timeout_s, device=options.torch_device(),
+                               resolve=router.resolver(options.restart_timeout_s))
         else:
             moe = remote_router(reader, stack.layers, router, options)
             metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)

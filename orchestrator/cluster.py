@@ -2,7 +2,8 @@
 
 Order follows the dependencies of the data path: expert groups first (they need nothing), then one
 router per attention shard (it needs the groups' addresses), then the shards (each needs its router).
-Expert groups are restartable by Ray (`max_restarts`) and reload their weights when restarted.
+Expert groups and routers are restartable by Ray (`max_restarts`) and reload their weights when
+restarted; their callers resend the message that found them gone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from expertmesh.checkpoint import CheckpointReader
-from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, GroupEndpoint,
+from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, Endpoint,
                                             RouterComponent, RuntimeOptions)
 from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan
 from expertmesh.presets import DTYPES
@@ -40,7 +41,7 @@ class Cluster:
     max_len: int
     router: str = "service"  # "service": a RouterService actor per shard; "inline": inside each shard
     start_timeout_s: float = 300.0
-    expert_restarts: int = 3
+    restarts: int = 3  # how often Ray restarts a dead expert group or router (they hold no state)
     groups: list = field(default_factory=list)
     routers: list = field(default_factory=list)
     shards: list = field(default_factory=list)
@@ -48,10 +49,10 @@ class Cluster:
     def start(self) -> Cluster:
         """Create every actor and wait until each has loaded its weights and is listening."""
         try:
-            self.groups = [_actor(ExpertGroupComponent, g, self.expert_restarts).remote(
+            self.groups = [_actor(ExpertGroupComponent, g, self.restarts).remote(
                 self.checkpoint, g.experts, self.options, str(k)) for k, g in enumerate(self.plan.groups)]
             group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
-            members = [GroupEndpoint(addr, g.experts, actor)
+            members = [Endpoint(addr, actor, g.experts)
                        for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups)]
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
@@ -59,9 +60,10 @@ class Cluster:
                 # A router does [T, D] x [D, E] gate matmuls and waits on the groups: it stays on its
                 # shard's node pool but holds no GPU, computing on CPU in the wire dtype of the shards.
                 router_options = replace(self.options, device="cpu", dtype=self._wire_dtype())
-                self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0)).remote(
+                self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0), self.restarts).remote(
                     self.checkpoint, s.layers, members, router_options) for s in self.plan.shards]
-                router_addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
+                addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
+                router_addrs = [Endpoint(addr, actor) for addr, actor in zip(addrs, self.routers)]
             self.shards = [_actor(AttentionShardComponent, s).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
                 for k, (s, addr) in enumerate(zip(self.plan.shards, router_addrs))]

@@ -7,7 +7,6 @@ per layer and step over it (`ExpertStream`). The unary `Forward` is the same com
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -17,8 +16,7 @@ import torch
 
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
-from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, StreamExchange, channel_options,
-                                         start_internal_server)
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, start_internal_server
 from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
 
@@ -66,46 +64,21 @@ async def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0",
 
 class ExpertStream:
     """A remote expert group as the router sees it: `await forward(layer, x, expert_ids)` sends one
-    message on a long-lived ForwardStream and returns the group's rows. Used on one event loop."""
+    message on a long-lived ForwardStream and returns the group's rows. Used on one event loop.
+    With `resolve`, a message that finds the group gone is sent again to the restarted group
+    (`internal.Connection`); `timeout_s` bounds every message's round trip."""
 
     def __init__(self, address: str, experts: tuple[int, ...], timeout_s: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
                  resolve: Callable[[], str] | None = None):
-        """`resolve`, if given, returns the group's current address (blocking; it may wait for Ray to
-        restart the group): a message that finds the group gone (UNAVAILABLE) asks it, reconnects and
-        is sent again once. Expert calls are pure functions of their input, so a retry cannot
-        duplicate anything. `timeout_s` bounds every message's round trip."""
-        self.experts, self.timeout_s, self.device, self.resolve = tuple(experts), timeout_s, device, resolve
-        self._options = channel_options(max_message_bytes)
-        self._connect(address)
-
-    def _connect(self, address: str) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=self._options)
-        stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
-        self._exchange = StreamExchange(stub.ForwardStream, f"expert group at {address}", self.timeout_s)
+        self.experts, self.device = tuple(experts), device
+        self.connection = Connection(address, lambda c: expert_pb2_grpc.ExpertServiceStub(c).ForwardStream,
+                                     "expert group", timeout_s, max_message_bytes, resolve)
 
     async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        request = expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
-                                                  expert_ids=codec.encode(expert_ids))
-        try:
-            reply = await self._exchange(request)
-        except grpc.RpcError as exc:
-            if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-            log.warning("expert group at %s unavailable (%s); waiting for it to come back", self.address,
-                        exc.details())
-            await self._reconnect()
-            reply = await self._exchange(request)
+        reply = await self.connection(expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
+                                                                      expert_ids=codec.encode(expert_ids)))
         return codec.decode(reply.hidden, "hidden", x.dtype, tuple(x.shape), self.device)
 
-    async def _reconnect(self) -> None:
-        old = self.channel
-        address = await asyncio.get_running_loop().run_in_executor(None, self.resolve)
-        self._connect(address)
-        await old.close()
-        log.info("expert group back at %s; sending the message again", self.address)
-
     async def close(self) -> None:
-        self._exchange.reset()
-        await self.channel.close()
+        await self.connection.close()

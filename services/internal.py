@@ -11,6 +11,7 @@ component (see MEASUREMENTS and benchmarks/results/cluster_vs_engine.md).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from expertmesh.services.errors import ErrorMappingInterceptor
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -93,3 +95,41 @@ class StreamExchange:
         for call in self._idle:
             call.cancel()
         self._idle.clear()
+
+
+class Connection:
+    """One internal service as its caller sees it: a channel and a `StreamExchange` on one of its
+    streaming methods. With `resolve` (blocking: it may wait for Ray to restart the service and
+    returns its current address), a message that finds the service gone (UNAVAILABLE) reconnects and
+    is sent again once; callers use this only for calls that are pure functions of their input (an
+    expert group's or a router's), so a retry cannot duplicate anything."""
+
+    def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Callable], kind: str,
+                 timeout_s: float, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 resolve: Callable[[], str] | None = None):
+        self.open_stream, self.kind, self.timeout_s, self.resolve = open_stream, kind, timeout_s, resolve
+        self._options = channel_options(max_message_bytes)
+        self._connect(address)
+
+    def _connect(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=self._options)
+        self._exchange = StreamExchange(self.open_stream(self.channel), f"{self.kind} at {address}", self.timeout_s)
+
+    async def __call__(self, request):
+        try:
+            return await self._exchange(request)
+        except grpc.RpcError as exc:
+            if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("%s at %s unavailable (%s); waiting for it to come back", self.kind, self.address,
+                        exc.details())
+        old = self.channel
+        self._connect(await asyncio.get_running_loop().run_in_executor(None, self.resolve))
+        await old.close()
+        log.info("%s back at %s; sending the message again", self.kind, self.address)
+        return await self._exchange(request)
+
+    async def close(self) -> None:
+        self._exchange.reset()
+        await self.channel.close()

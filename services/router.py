@@ -17,8 +17,7 @@ import torch
 from expertmesh.model.moe import Router, combine
 from expertmesh.services import codec
 from expertmesh.services.expert import ExpertStream
-from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, StreamExchange, channel_options,
-                                         start_internal_server)
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, start_internal_server
 from expertmesh.v1 import router_pb2, router_pb2_grpc
 
 AsyncMoE = Callable[[int, torch.Tensor], Awaitable[torch.Tensor]]
@@ -71,19 +70,18 @@ async def serve_router(servicer: RouterServicer, address: str = "127.0.0.1:0",
 
 class RouterStream:
     """The remote router as an attention shard sees it (`AsyncMoE`): one message per layer and step
-    on a long-lived RouteStream."""
+    on a long-lived RouteStream. With `resolve`, a message that finds the router gone is sent again
+    to the restarted router (`internal.Connection`)."""
 
     def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 device: str = "cpu"):
-        self.address, self.device = address, device
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
-        stub = router_pb2_grpc.RouterServiceStub(self.channel)
-        self._exchange = StreamExchange(stub.RouteStream, f"router at {address}", timeout_s)
+                 device: str = "cpu", resolve: Callable[[], str] | None = None):
+        self.device = device
+        self.connection = Connection(address, lambda c: router_pb2_grpc.RouterServiceStub(c).RouteStream, "router",
+                                     timeout_s, max_message_bytes, resolve)
 
     async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        reply = await self._exchange(router_pb2.RouteRequest(layer=layer, hidden=codec.encode(x)))
+        reply = await self.connection(router_pb2.RouteRequest(layer=layer, hidden=codec.encode(x)))
         return codec.decode(reply.hidden, "hidden", x.dtype, tuple(x.shape), self.device)
 
     async def close(self) -> None:
-        self._exchange.reset()
-        await self.channel.close()
+        await self.connection.close()

@@ -58,9 +58,9 @@ def expert_servers(tiny_ckpt, loop):
 
 def router_to(expert_servers, reader, loop):
     """Gates of every layer fanning out to the servers, built as the cluster's router actors build it."""
-    from expertmesh.orchestrator.actors import GroupEndpoint, RuntimeOptions, remote_router
+    from expertmesh.orchestrator.actors import Endpoint, RuntimeOptions, remote_router
 
-    groups = [GroupEndpoint(f"127.0.0.1:{port}", experts) for experts, _, _, port in expert_servers]
+    groups = [Endpoint(f"127.0.0.1:{port}", experts=experts) for experts, _, _, port in expert_servers]
 
     async def build():
         return remote_router(reader, tuple(range(reader.config.num_hidden_layers)), groups, RuntimeOptions())

@@ -1,11 +1,14 @@
-"""Faults on a real Ray cluster: an expert group killed with SIGKILL mid-generation costs a pause, not
-a request. Ray restarts the actor, it reloads its weights, and the router retries the layer's call."""
+"""Faults on a real Ray cluster: an expert group or a router killed with SIGKILL mid-generation costs
+a pause, not a request. Ray restarts the actor, it reloads its weights, and its caller (the router,
+the attention shard) sends the layer's message again."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+
+import pytest
 
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
@@ -42,17 +45,18 @@ def run(engine: Engine, kill=None) -> tuple[dict[str, list[int]], float | None]:
     return tokens, pause
 
 
-def test_expert_group_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt):
+@pytest.mark.parametrize("kind, index", [("groups", 1), ("routers", 0)])
+def test_component_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt, kind, index):
     cfg = ModelConfig.from_checkpoint(tiny_ckpt)
     tok = Tokenizer.from_checkpoint(tiny_ckpt)
     expected, _ = run(Engine.from_checkpoint(tiny_ckpt, max_batch_size=SLOTS, max_seq_len=MAX_LEN))
     cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 1, 2), RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
     try:
-        victim = cluster.describe()["groups"][1]["pid"]
+        victim = cluster.describe()[kind][index]["pid"]
         engine = Engine(cluster.runner(), tok, cfg, Scheduler(SLOTS, MAX_LEN))
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert got == expected  # every request complete, token for token
-        assert cluster.describe()["groups"][1]["pid"] != victim  # a new process serves the group
-        print(f"kill -> next token: {pause:.2f} s")
+        assert cluster.describe()[kind][index]["pid"] != victim  # a new process serves it
+        print(f"{kind}[{index}] killed -> next token: {pause:.2f} s")
     finally:
         cluster.shutdown()
