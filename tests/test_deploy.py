@@ -386,6 +386,17 @@ def test_gateway_probes_are_grpc_health_on_the_serving_port():
     assert gateway["readinessProbe"]["grpc"].get("service", "") in ("", "expertmesh.v1.GenerateService")
 
 
+def test_pod_port_names_are_unique_service_names():
+    """Kubernetes wants each named port unique within its pod (an IANA service name); a PodMonitor that
+    selects a port by a name two containers share scrapes both."""
+    for where, template in _pod_templates(RAYCLUSTER):
+        names = [p["name"] for c in template["spec"]["containers"] for p in c.get("ports", []) if "name" in p]
+        assert len(names) == len(set(names)), f"{where}: port names used twice in one pod: {names}"
+        for name in names:
+            assert len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) \
+                and "--" not in name and re.search("[a-z]", name), name
+
+
 def test_service_sends_traffic_to_the_gateway_port_of_the_head_pod():
     # KubeRay sets these labels on the head pod (template labels cannot override them).
     head_labels = {"ray.io/cluster": RAYCLUSTER["metadata"]["name"], "ray.io/node-type": "head"}
