@@ -1,8 +1,11 @@
-"""The monitoring under deploy/, checked offline: the Grafana dashboard.
+"""The monitoring under deploy/, checked offline: the Grafana dashboard and the Prometheus Operator objects.
 
 The dashboard validates against the Grafana dashboard schema in the `shared/schemas/` folder beside the
 checkout; its queries name only metrics that services/metrics.py defines and series that
-deploy/prometheus/rules.yml records, and they parse with promtool.
+deploy/prometheus/rules.yml records, and they parse with promtool. (tests/test_serve.py runs every one of
+them against a real Prometheus that scrapes a served cluster: each must return data.) The PodMonitor
+scrapes the gateway's metrics port, the PrometheusRule carries exactly rules.yml's groups, and the
+dashboard's ConfigMap is built the way kustomize builds it and validated like the other manifests.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, GatewayMetrics, RouterMetrics
-from test_deploy import DEPLOY, SCHEMAS, _require_schemas
+from test_deploy import DEPLOY, KUBERAY_DIR, SCHEMAS, _gateway, _one, _require_schemas, _serve_flags, validate
 
 GRAFANA_DIR = DEPLOY / "grafana"
+MONITORING_DIR = DEPLOY / "monitoring"
 DASHBOARD = json.loads((GRAFANA_DIR / "expertmesh.json").read_text())
 RULES = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -219,3 +223,84 @@ def test_every_query_parses_with_promtool(tmp_path):
     done = _promtool_check(queries, tmp_path)
     assert done.returncode == 0 and f"SUCCESS: {len(queries)} rules found" in done.stdout, done.stdout + done.stderr
     assert _promtool_check(["sum by (layer) (rate(x[1m])"], tmp_path).returncode != 0, "promtool accepts anything"
+
+
+# --------------------------------------------------------------------------- Kubernetes objects
+
+def _duration_s(value: str) -> int:
+    return sum(int(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+)([smh])", value))
+
+
+def test_podmonitor_scrapes_the_gateways_metrics_port():
+    monitor, raycluster = _one("PodMonitor"), _one("RayCluster")
+    # KubeRay sets ray.io/cluster and ray.io/node-type on every pod it creates.
+    cluster = raycluster["metadata"]["name"]
+    head = raycluster["spec"]["headGroupSpec"]["template"]
+    head_labels = head["metadata"].get("labels", {}) | {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    selector = monitor["spec"]["selector"]
+    assert set(selector) == {"matchLabels"} and selector["matchLabels"].items() <= head_labels.items()
+    assert selector["matchLabels"].get("ray.io/node-type") == "head", "workers have no gateway to scrape"
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    ports = [(c["name"], p["containerPort"]) for c in head["spec"]["containers"] for p in c.get("ports", [])
+             if p.get("name") == endpoint["port"]]
+    assert ports == [(_gateway()["name"], _serve_flags().metrics_port)]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    # The recording rules take rate()s over 1 minute: they need several scrapes in it.
+    assert _duration_s(endpoint["interval"]) <= 15
+    assert _duration_s(endpoint["scrapeTimeout"]) <= _duration_s(endpoint["interval"])
+
+
+def test_prometheusrule_carries_exactly_the_groups_of_rules_yml():
+    assert _one("PrometheusRule")["spec"] == {"groups": RULES["groups"]}, \
+        "deploy/monitoring/prometheusrule.yaml has drifted from deploy/prometheus/rules.yml: copy its groups over"
+
+
+def dashboard_configmap() -> dict:
+    """The ConfigMap that deploy/grafana/kustomization.yaml generates, built the way kustomize builds it."""
+    [gen] = yaml.safe_load((GRAFANA_DIR / "kustomization.yaml").read_text())["configMapGenerator"]
+    options = gen.get("options", {})
+    assert options.get("disableNameSuffixHash") is True, "a fixed name, so that the old dashboard goes away"
+    data = {}
+    for entry in gen["files"]:
+        key, _, path = entry.rpartition("=")
+        data[key or path.rsplit("/", 1)[-1]] = (GRAFANA_DIR / path).read_text()
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": gen["name"], "labels": options.get("labels", {})}, "data": data}
+
+
+def test_dashboard_configmap_validates_and_is_what_the_grafana_sidecar_loads():
+    _require_schemas()
+    configmap = dashboard_configmap()
+    errors = validate(configmap)
+    assert not errors, "\n".join(errors)
+    assert configmap["metadata"]["labels"].get("grafana_dashboard") == "1"
+    [(key, text)] = configmap["data"].items()
+    assert key.endswith(".json") and json.loads(text) == DASHBOARD
+    # `kubectl apply` keeps a copy in an annotation, and annotations are limited to 256 KiB in all.
+    assert len(text.encode()) < 200 * 1024
+    broken = copy.deepcopy(configmap)
+    broken["data"][key] = DASHBOARD  # a JSON object where the API wants a string
+    assert validate(broken), "the broken ConfigMap validated"
+
+
+def test_monitoring_kustomization_adds_to_the_cluster_in_the_same_namespace():
+    kustomization = yaml.safe_load((MONITORING_DIR / "kustomization.yaml").read_text())
+    for name in kustomization["resources"]:
+        assert (MONITORING_DIR / name).exists(), name
+    assert {"../kuberay", "../grafana", "podmonitor.yaml", "prometheusrule.yaml"} <= set(kustomization["resources"])
+    base = yaml.safe_load((KUBERAY_DIR / "kustomization.yaml").read_text())
+    assert kustomization.get("namespace") == base.get("namespace"), "the PodMonitor selects pods in its namespace"
+
+
+@pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl (with its built-in kustomize) not installed")
+def test_monitoring_kustomization_builds_and_every_object_validates():
+    _require_schemas()
+    out = subprocess.run(["kubectl", "kustomize", str(MONITORING_DIR)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PodMonitor", "PrometheusRule", "RayCluster", "Service"]
+    for doc in docs:
+        errors = validate(doc)
+        assert not errors, f"{doc['kind']}:\n" + "\n".join(errors)
+    [built] = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert built == dashboard_configmap()
