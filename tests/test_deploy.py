@@ -60,8 +60,8 @@ def _manifests() -> list[tuple[str, dict]]:
     """(id, document) for every Kubernetes object under deploy/."""
     out = []
     for path in _yaml_files():
-        if path in (SCRAPE_LOCAL, KUSTOMIZATION) or path.parent == SCRAPE_LOCAL.parent:
-            continue  # Prometheus's own files (config, rules, rule tests): promtool checks them
+        if path.name == KUSTOMIZATION.name or path.parent == SCRAPE_LOCAL.parent:
+            continue  # kustomize's files, and Prometheus's own (config, rules, rule tests): promtool checks them
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
         out += [(f"{path.relative_to(DEPLOY)}#{i}", doc) for i, doc in enumerate(docs)]
     return out
@@ -384,6 +384,17 @@ def test_gateway_probes_are_grpc_health_on_the_serving_port():
         assert set(gateway[probe]) & {"exec", "httpGet", "tcpSocket", "grpc"} == {"grpc"}, probe
         assert gateway[probe]["grpc"]["port"] == port, probe
     assert gateway["readinessProbe"]["grpc"].get("service", "") in ("", "expertmesh.v1.GenerateService")
+
+
+def test_pod_port_names_are_unique_service_names():
+    """Kubernetes wants each named port unique within its pod (an IANA service name); a PodMonitor that
+    selects a port by a name two containers share scrapes both."""
+    for where, template in _pod_templates(RAYCLUSTER):
+        names = [p["name"] for c in template["spec"]["containers"] for p in c.get("ports", []) if "name" in p]
+        assert len(names) == len(set(names)), f"{where}: port names used twice in one pod: {names}"
+        for name in names:
+            assert len(name) <= 15 and re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name) \
+                and "--" not in name and re.search("[a-z]", name), name
 
 
 def test_service_sends_traffic_to_the_gateway_port_of_the_head_pod():

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.sampling import SamplingParams
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+from test_monitoring import dashboard_queries
 
 
 def wait_for_line(proc: subprocess.Popen, lines: list[str], pattern: str, timeout_s: float = 180) -> str:
@@ -102,17 +103,24 @@ def query(expr: str) -> list:
 
 
 def rule_expressions() -> list[str]:
-    """What must return data: each recording rule's series, and each alert's expression without its
-    threshold (a healthy cluster rightly fires no alert)."""
+    """What must return data: each recording rule's series, each alert's expression without its
+    threshold (a healthy cluster rightly fires no alert), and every query of the Grafana dashboard
+    (deploy/grafana/expertmesh.json, its variables set to concrete values)."""
     out = []
     for group in yaml.safe_load(RULES.read_text())["groups"]:
         for rule in group["rules"]:
             out.append(rule["record"] if "record" in rule else re.split(r" (?:==|>) ", rule["expr"])[0])
-    return out
+    return out + dashboard_queries()
+
+
+def has_data(expr: str) -> bool:
+    """At least one sample that is a number (a quantile over a window without observations is NaN)."""
+    return any(sample["value"][1] != "NaN" for sample in query(expr))
 
 
 def check_with_prometheus(metrics_url: str, stub, tmp_path: Path) -> None:
-    """A real Prometheus scrapes the cluster under a short load; every rule expression returns data."""
+    """A real Prometheus scrapes the cluster under a short load; every rule and dashboard expression
+    returns data."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus not installed (.ci/run installs Debian's prometheus package)")
@@ -133,7 +141,7 @@ def check_with_prometheus(metrics_url: str, stub, tmp_path: Path) -> None:
         while missing and time.monotonic() < deadline:  # load while Prometheus scrapes; bounded in time
             stub.Generate(generate_pb2.GenerateRequest(prompt="Load for the scraper", sampling=sampling), timeout=60)
             try:
-                missing = [e for e in missing if not query(e)]
+                missing = [e for e in missing if not has_data(e)]
             except OSError:  # Prometheus still starting
                 time.sleep(0.5)
         assert not missing, f"no data for {missing}"
