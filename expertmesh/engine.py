@@ -7,6 +7,7 @@ ids into streamed text (detokenization, stop strings, EOS) and reports finish re
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterable
@@ -21,9 +22,11 @@ from expertmesh.model.config import ModelConfig
 from expertmesh.model.decoder import DecoderStack
 from expertmesh.model.load import load_local_model
 from expertmesh.sampling import Sampler, SamplingParams
-from expertmesh.scheduler import Scheduler, Sequence, StepPlan
+from expertmesh.scheduler import CacheLostError, Scheduler, Sequence, StepPlan
 from expertmesh.stopping import StopMatcher
 from expertmesh.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,12 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return []
-        new_ids = self.runner.run(plan)
+        try:
+            new_ids = self.runner.run(plan)
+        except CacheLostError:
+            log.warning("the KV cache was lost; re-prefilling %d running sequences", len(plan.seqs))
+            self.scheduler.recompute()
+            return []
         self.scheduler.complete(plan)
         sampled = [seq for seq, s in zip(plan.seqs, plan.sample) if s]
         return [self._postprocess(seq, tok) for seq, tok in zip(sampled, new_ids)]

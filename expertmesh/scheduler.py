@@ -18,6 +18,11 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its limit; the caller should retry later (RESOURCE_EXHAUSTED)."""
 
 
+class CacheLostError(RuntimeError):
+    """A step runner lost (part of) the KV cache, e.g. an attention shard was restarted: every running
+    sequence must be prefilled again from its prompt and the tokens generated so far."""
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request's generation state. `num_cached` counts its tokens already in the KV cache."""
@@ -113,6 +118,12 @@ class Scheduler:
             token_ids.extend(seq.all_ids[seq.num_cached : seq.num_cached + n])
             sample.append(n == pending)
         return StepPlan(seqs, starts, q_lens, token_ids, sample)
+
+    def recompute(self) -> None:
+        """Forget what the cache holds: every running sequence re-prefills its tokens (prompt and output
+        so far) in the next steps, then samples its next token as if nothing had happened."""
+        for seq in self.running:
+            seq.num_cached = 0
 
     def complete(self, plan: StepPlan) -> None:
         """Record that the plan's tokens are now in the cache."""

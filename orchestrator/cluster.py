@@ -2,8 +2,9 @@
 
 Order follows the dependencies of the data path: expert groups first (they need nothing), then one
 router per attention shard (it needs the groups' addresses), then the shards (each needs its router).
-Expert groups and routers are restartable by Ray (`max_restarts`) and reload their weights when
-restarted; their callers resend the message that found them gone.
+Every component is restartable by Ray (`max_restarts`) and reloads its weights when restarted. Callers
+of expert groups and routers resend the message that found them gone; a restarted attention shard
+has lost its KV cache, so the engine re-prefills every running sequence (`CacheLostError`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Cluster:
     max_len: int
     router: str = "service"  # "service": a RouterService actor per shard; "inline": inside each shard
     start_timeout_s: float = 300.0
-    restarts: int = 3  # how often Ray restarts a dead expert group or router (they hold no state)
+    restarts: int = 3  # how often Ray restarts a dead component (a shard's KV cache is then re-prefilled)
     groups: list = field(default_factory=list)
     routers: list = field(default_factory=list)
     shards: list = field(default_factory=list)
@@ -64,7 +65,7 @@ class Cluster:
                     self.checkpoint, s.layers, members, router_options) for s in self.plan.shards]
                 addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
                 router_addrs = [Endpoint(addr, actor) for addr, actor in zip(addrs, self.routers)]
-            self.shards = [_actor(AttentionShardComponent, s).remote(
+            self.shards = [_actor(AttentionShardComponent, s, self.restarts).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
                 for k, (s, addr) in enumerate(zip(self.plan.shards, router_addrs))]
             self.shard_addresses = ray.get([a.address.remote() for a in self.shards], timeout=self.start_timeout_s)
@@ -82,7 +83,10 @@ class Cluster:
         return next(name for name, d in DTYPES.items() if d == dtype)
 
     def runner(self, timeout_s: float | None = None) -> ShardChain:
-        return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s)
+        resolvers = [Endpoint(a, actor).resolver(self.options.restart_timeout_s)
+                     for a, actor in zip(self.shard_addresses, self.shards)]
+        return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s,
+                          resolvers=resolvers)
 
     def describe(self) -> dict:
         """Where every component runs: {"groups": [...], "routers": [...], "shards": [...]} of info dicts."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import torch
@@ -17,13 +17,13 @@ import torch
 from expertmesh.model.batch import StepBatch
 from expertmesh.model.decoder import DecoderStack
 from expertmesh.sampling import Sampler
-from expertmesh.scheduler import StepPlan
+from expertmesh.scheduler import CacheLostError, StepPlan
 from expertmesh.services import codec
 from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
 from expertmesh.services.metrics import AttentionMetrics
 from expertmesh.services.router import AsyncMoE
-from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, EventLoopThread, StreamExchange,
-                                         channel_options, start_internal_server)
+from expertmesh.services.internal import (DEFAULT_MAX_MESSAGE_BYTES, Connection, EventLoopThread,
+                                         ServiceRestartedError, start_internal_server)
 from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 
 
@@ -118,20 +118,28 @@ class ShardChain:
     shard's stream (a lane each)."""
 
     def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split_at: int = 4):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split_at: int = 4,
+                 resolvers: Sequence[Callable[[], str] | None] | None = None):
+        """`resolvers[k]`, if given, waits for shard k to be back after a restart and returns its
+        address: a step that finds it gone then raises `CacheLostError` (its KV cache went with it)
+        and the engine re-prefills every running sequence."""
         self.split_at = split_at
         self._loop = EventLoopThread("shard-chain")
-        self._loop.run(self._connect(addresses, timeout_s, max_message_bytes))
+        self._loop.run(self._connect(addresses, timeout_s, max_message_bytes, resolvers or [None] * len(addresses)))
         self._released: list[str] = []
 
-    async def _connect(self, addresses: Sequence[str], timeout_s: float, max_message_bytes: int) -> None:
-        self.channels = [grpc.aio.insecure_channel(a, options=channel_options(max_message_bytes)) for a in addresses]
-        self.shards = [StreamExchange(attention_pb2_grpc.AttentionServiceStub(c).StepStream,
-                                      f"attention shard at {a}", timeout_s) for a, c in zip(addresses, self.channels)]
+    async def _connect(self, addresses: Sequence[str], timeout_s: float, max_message_bytes: int,
+                       resolvers: Sequence[Callable[[], str] | None]) -> None:
+        self.shards = [Connection(a, lambda c: attention_pb2_grpc.AttentionServiceStub(c).StepStream,
+                                  "attention shard", timeout_s, max_message_bytes, resolve, resend=False)
+                       for a, resolve in zip(addresses, resolvers)]
 
     def run(self, plan: StepPlan) -> list[int]:
         released, self._released = self._released, []
-        return self._loop.run(self._run(plan, released))
+        try:
+            return self._loop.run(self._run(plan, released))
+        except ServiceRestartedError as exc:
+            raise CacheLostError(str(exc)) from exc
 
     async def _run(self, plan: StepPlan, released: list[str]) -> list[int]:
         seqs = [attention_pb2.SequenceStep(request_id=s.request_id, slot=s.slot, start=start, q_len=q, sample=smp,
@@ -172,9 +180,8 @@ class ShardChain:
 
     def close(self) -> None:
         async def close():
-            for shard, channel in zip(self.shards, self.channels):
-                shard.reset()
-                await channel.close()
+            for shard in self.shards:
+                await shard.close()
 
         self._loop.run(close())
         self._loop.close()

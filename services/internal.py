@@ -74,9 +74,8 @@ class StreamExchange:
 
     async def __call__(self, request):
         async with self._lanes:
-            call = self._idle.pop() if self._idle else self.open_stream()
+            call = await self._write(request)
             try:
-                await call.write(request)
                 reply = await asyncio.wait_for(call.read(), self.timeout_s)
             except asyncio.TimeoutError:
                 call.cancel()
@@ -90,6 +89,27 @@ class StreamExchange:
             self._idle.append(call)
             return reply
 
+    async def _write(self, request) -> grpc.aio.StreamStreamCall:
+        """Send on an idle stream if one is alive, else on a new one; returns the stream."""
+        while self._idle:
+            call = self._idle.pop()
+            if call.done():
+                continue
+            try:
+                await call.write(request)
+                return call
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                # It ended while idle (e.g. the peer died; grpc then reports INTERNAL "RPC already
+                # finished"): a new stream says why, or carries the message.
+                call.cancel()
+        call = self.open_stream()
+        try:
+            await call.write(request)
+        except BaseException:
+            call.cancel()
+            raise
+        return call
+
     def reset(self) -> None:
         """Close every idle stream."""
         for call in self._idle:
@@ -97,18 +117,25 @@ class StreamExchange:
         self._idle.clear()
 
 
+class ServiceRestartedError(ConnectionError):
+    """The service came back as a new process: whatever state it held is gone."""
+
+
 class Connection:
     """One internal service as its caller sees it: a channel and a `StreamExchange` on one of its
     streaming methods. With `resolve` (blocking: it may wait for Ray to restart the service and
-    returns its current address), a message that finds the service gone (UNAVAILABLE) reconnects and
-    is sent again once; callers use this only for calls that are pure functions of their input (an
-    expert group's or a router's), so a retry cannot duplicate anything."""
+    returns its current address), a message that finds the service gone (UNAVAILABLE) reconnects, then
+    is sent again once (`resend`: for calls that are pure functions of their input, an expert group's
+    or a router's, so a retry cannot duplicate anything) or raises `ServiceRestartedError` (a stateful
+    service: its caller decides how to rebuild the state)."""
 
     def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Callable], kind: str,
                  timeout_s: float, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 resolve: Callable[[], str] | None = None):
-        self.open_stream, self.kind, self.timeout_s, self.resolve = open_stream, kind, timeout_s, resolve
+                 resolve: Callable[[], str] | None = None, resend: bool = True):
+        self.open_stream, self.kind, self.timeout_s = open_stream, kind, timeout_s
+        self.resolve, self.resend = resolve, resend
         self._options = channel_options(max_message_bytes)
+        self._reconnecting = asyncio.Lock()
         self._connect(address)
 
     def _connect(self, address: str) -> None:
@@ -117,17 +144,20 @@ class Connection:
         self._exchange = StreamExchange(self.open_stream(self.channel), f"{self.kind} at {address}", self.timeout_s)
 
     async def __call__(self, request):
+        channel, address = self.channel, self.address
         try:
             return await self._exchange(request)
         except grpc.RpcError as exc:
             if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            log.warning("%s at %s unavailable (%s); waiting for it to come back", self.kind, self.address,
-                        exc.details())
-        old = self.channel
-        self._connect(await asyncio.get_running_loop().run_in_executor(None, self.resolve))
-        await old.close()
-        log.info("%s back at %s; sending the message again", self.kind, self.address)
+            log.warning("%s at %s unavailable (%s); waiting for it to come back", self.kind, address, exc.details())
+        async with self._reconnecting:  # concurrent messages that failed together reconnect once
+            if self.channel is channel:
+                self._connect(await asyncio.get_running_loop().run_in_executor(None, self.resolve))
+                await channel.close()
+                log.info("%s back at %s", self.kind, self.address)
+        if not self.resend:
+            raise ServiceRestartedError(f"{self.kind} at {address} was restarted (now at {self.address})")
         return await self._exchange(request)
 
     async def close(self) -> None:

@@ -125,3 +125,32 @@ def test_abort_frees_the_slot(engine):
     assert len(engine.scheduler.running) == 1
     engine.abort(rid)
     assert not engine.scheduler.has_work() and len(engine.scheduler.free_slots) == 4
+
+
+def test_a_lost_kv_cache_is_re_prefilled_and_the_tokens_do_not_change(tiny_ckpt):
+    """A runner that loses its cache (a restarted attention shard) mid-generation: the engine
+    re-prefills every running sequence from prompt + output so far, and no token changes, is lost or
+    is emitted twice. The lost cache is poisoned with NaN, so reading any of it would show."""
+    import torch
+
+    from expertmesh.scheduler import CacheLostError
+
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    requests = [GenerationRequest(prompt=p, params=params) for p in ("Lost caches", "are rebuilt", "token by token")]
+    expected = Engine.from_checkpoint(tiny_ckpt, max_batch_size=3, max_seq_len=64).generate(requests)
+    engine = Engine.from_checkpoint(tiny_ckpt, max_batch_size=3, max_seq_len=64)
+    runner, calls = engine.runner, []
+
+    def run(plan):
+        calls.append(sum(plan.q_lens))
+        if len(calls) in (4, 9):  # twice: once in decode, once right after the first re-prefill
+            for kv in (*runner.stack.cache.k.values(), *runner.stack.cache.v.values()):
+                kv.fill_(float("nan"))
+            raise CacheLostError("shard restarted")
+        return type(runner).run(runner, plan)
+
+    runner.run = run
+    got = engine.generate(requests)
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+    assert [r.text for r in got] == [r.text for r in expected]
+    assert calls[4] > 3  # the step after a loss prefills again, more than one token per sequence

@@ -1,6 +1,7 @@
-"""Faults on a real Ray cluster: an expert group or a router killed with SIGKILL mid-generation costs
-a pause, not a request. Ray restarts the actor, it reloads its weights, and its caller (the router,
-the attention shard) sends the layer's message again."""
+"""Faults on a real Ray cluster: an expert group, a router or an attention shard killed with SIGKILL
+mid-generation costs a pause, not a request. Ray restarts the actor and it reloads its weights. For a
+group or a router its caller sends the layer's message again; a restarted shard has lost its KV cache,
+so every running sequence is re-prefilled from its prompt and the tokens generated so far."""
 
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ def run(engine: Engine, kill=None) -> tuple[dict[str, list[int]], float | None]:
     return tokens, pause
 
 
-@pytest.mark.parametrize("kind, index", [("groups", 1), ("routers", 0)])
+@pytest.mark.parametrize("kind, index", [("groups", 1), ("routers", 0), ("shards", 1)])
 def test_component_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt, kind, index):
     cfg = ModelConfig.from_checkpoint(tiny_ckpt)
     tok = Tokenizer.from_checkpoint(tiny_ckpt)
     expected, _ = run(Engine.from_checkpoint(tiny_ckpt, max_batch_size=SLOTS, max_seq_len=MAX_LEN))
-    cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 1, 2), RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
+    cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 2, 2), RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
     try:
         victim = cluster.describe()[kind][index]["pid"]
         engine = Engine(cluster.runner(), tok, cfg, Scheduler(SLOTS, MAX_LEN))
