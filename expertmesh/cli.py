@@ -150,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     opts = ServeOptions(
         model=str(args.model or default_checkpoint()), host=args.host, port=args.port, ray_address=args.ray_address,
-        attention_shards=args.attention_shards, expert_groups=args.expert_groups, router=args.router,
+        attention_shards=args.attention_shards, expert_groups=args.expert_groups,
+        expert_replicas=args.expert_replicas, router=args.router,
         device=args.device,
         dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="join this Ray cluster (default: start an embedded local one)")
     p.add_argument("--attention-shards", type=int, default=1)
     p.add_argument("--expert-groups", type=int, default=1)
+    p.add_argument("--expert-replicas", type=int, default=1,
+                   help="copies of each expert group: load spreads over them and a dead one fails over at once")
     p.add_argument("--router", choices=["service", "inline"], default="service",
                    help="service: a RouterService actor per attention shard; inline: the router runs inside "
                         "each shard's process (one network hop less per layer)")

@@ -19,7 +19,7 @@ from expertmesh.model.moe import Router
 from expertmesh.presets import DTYPES
 from expertmesh.model.decoder import DecoderStack
 from expertmesh.services.attention import AttentionServicer, serve_attention
-from expertmesh.services.expert import ExpertServicer, ExpertStream, serve_experts
+from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
 from expertmesh.services.internal import EventLoopThread
 from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, RouterMetrics, serve_metrics
 from expertmesh.services.router import RemoteRouter, RouterServicer, RouterStream, serve_router
@@ -80,25 +80,26 @@ def node_info() -> dict:
 
 
 class ExpertGroupComponent:
-    """Serves experts `experts` of every layer over gRPC."""
+    """Serves experts `experts` of every layer over gRPC: expert group `name`, one of its replicas."""
 
-    def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions, name: str = "0"):
+    def __init__(self, checkpoint: str, experts: tuple[int, ...], options: RuntimeOptions, name: str = "0",
+                 replica: int = 0):
         host = _setup(options)
         reader = CheckpointReader(checkpoint)
         dtype = options.torch_dtype(reader)
         group = load_expert_group(reader, experts, dtype, options.torch_device())
         self.metrics = Metrics(host, options.metrics)
         servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device(),
-                                  self.metrics.make(ExpertMetrics), name)
+                                  self.metrics.make(ExpertMetrics), name, str(replica))
         self.loop = EventLoopThread(f"experts-{name}")
         self.server, port = self.loop.run(serve_experts(servicer, f"{host}:0"))
-        self.experts, self._address = tuple(experts), f"{host}:{port}"
+        self.experts, self.replica, self._address = tuple(experts), replica, f"{host}:{port}"
 
     def address(self) -> str:
         return self._address
 
     def info(self) -> dict:
-        return {**node_info(), "experts": list(self.experts), "address": self._address,
+        return {**node_info(), "experts": list(self.experts), "replica": self.replica, "address": self._address,
                 "metrics": self.metrics.address}
 
 
@@ -132,7 +133,7 @@ class Endpoint:
         return resolve
 
 
-Groups = list[Endpoint]
+Groups = list[list[Endpoint]]  # per expert group, its replicas
 
 
 class Metrics:
@@ -153,10 +154,11 @@ def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Gro
     """The gates of `layers`, fanning out to the expert services at `groups`. Call it on the event
     loop that will use it (its channels belong to that loop)."""
     cfg, device = reader.config, options.torch_device()
-    streams = [ExpertStream(g.address, g.experts, options.call_timeout_s, device=device,
-                            resolve=g.resolver(options.restart_timeout_s)) for g in groups]
+    replicas = [ExpertReplicas([ExpertStream(r.address, r.experts, options.call_timeout_s, device=device,
+                                             resolve=r.resolver(options.restart_timeout_s)) for r in group])
+                for group in groups]
     return RemoteRouter(Router(load_gates(reader, layers, options.torch_dtype(reader), device),
-                               cfg.num_experts_per_tok, streams, cfg.num_local_experts))
+                               cfg.num_experts_per_tok, replicas, cfg.num_local_experts))
 
 
 class RouterComponent:

@@ -51,10 +51,11 @@ class Cluster:
         """Create every actor and wait until each has loaded its weights and is listening."""
         try:
             self.groups = [_actor(ExpertGroupComponent, g, self.restarts).remote(
-                self.checkpoint, g.experts, self.options, str(k)) for k, g in enumerate(self.plan.groups)]
+                self.checkpoint, g.experts, self.options, str(g.group), g.replica) for g in self.plan.groups]
             group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
-            members = [Endpoint(addr, actor, g.experts)
-                       for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups)]
+            members: list[list[Endpoint]] = [[] for _ in range(1 + max(g.group for g in self.plan.groups))]
+            for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups):
+                members[g.group].append(Endpoint(addr, actor, g.experts))
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
             else:
@@ -72,7 +73,7 @@ class Cluster:
         except BaseException:
             self.shutdown()
             raise
-        log.info("cluster up: %d attention shards, %d expert groups", len(self.shards), len(self.groups))
+        log.info("cluster up: %d attention shards, %d expert group actors", len(self.shards), len(self.groups))
         return self
 
     def _wire_dtype(self) -> str:
@@ -95,8 +96,8 @@ class Cluster:
 
         return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
 
-    def metrics_targets(self) -> tuple[list[str], dict[int, bool]]:
-        """Every component's metrics address, and whether each expert group answered."""
+    def metrics_targets(self) -> tuple[list[str], dict[tuple[int, int], bool]]:
+        """Every component's metrics address, and whether each expert group (group, replica) answered."""
         targets, up = [], {}
         for kind, actors in (("groups", self.groups), ("routers", self.routers), ("shards", self.shards)):
             for k, actor in enumerate(actors):
@@ -108,7 +109,7 @@ class Cluster:
                 except Exception:  # noqa: BLE001 - dead or restarting: its series pause
                     ok = False
                 if kind == "groups":
-                    up[k] = ok
+                    up[self.plan.groups[k].group, self.plan.groups[k].replica] = ok
         return targets, up
 
     def shutdown(self) -> None:

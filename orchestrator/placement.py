@@ -22,6 +22,8 @@ class ComponentPlan:
     name: str
     layers: tuple[int, ...] = ()
     experts: tuple[int, ...] = ()
+    group: int = 0  # expert groups: which group, and which of its replicas
+    replica: int = 0
     num_gpus: float = 0.0
     num_cpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
@@ -30,17 +32,19 @@ class ComponentPlan:
 @dataclass(frozen=True)
 class ClusterPlan:
     shards: tuple[ComponentPlan, ...]
-    groups: tuple[ComponentPlan, ...]
+    groups: tuple[ComponentPlan, ...]  # every replica of every expert group, group-major
 
 
 def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int = 1, device: str = "cpu",
                  gpus_per_shard: float | None = None, gpus_per_group: float | None = None, num_cpus: float = 0.0,
-                 attention_resource: str | None = None, expert_resource: str | None = None) -> ClusterPlan:
+                 attention_resource: str | None = None, expert_resource: str | None = None,
+                 expert_replicas: int = 1) -> ClusterPlan:
     """The actors of a cluster for `cfg`.
 
     GPU shares default to one whole GPU per component with device "cuda" and none on CPU; given
     explicitly they are requested from Ray whatever the device (a CPU test cluster can declare GPUs
     to exercise placement). `num_cpus` is what each actor reserves (0: actors share the node's cores).
+    `expert_replicas` copies of each expert group run as separate actors (each with its own GPU share).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -50,6 +54,8 @@ def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int
     for name, share in (("gpus_per_shard", gpus_per_shard), ("gpus_per_group", gpus_per_group)):
         if not 0 <= share <= 8 or (device == "cuda" and share == 0):
             raise ValueError(f"{name} must be in {'(0' if device == 'cuda' else '[0'}, 8], got {share}")
+    if expert_replicas < 1:
+        raise ValueError(f"expert_replicas must be >= 1, got {expert_replicas}")
     if num_cpus < 0:
         raise ValueError(f"num_cpus must be >= 0, got {num_cpus}")
     shards = tuple(
@@ -57,7 +63,9 @@ def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int
                       resources={attention_resource: 0.001} if attention_resource else {})
         for k, layers in enumerate(split_range(cfg.num_hidden_layers, attention_shards, "attention_shards")))
     groups = tuple(
-        ComponentPlan(f"experts-{g}", experts=experts, num_gpus=gpus_per_group, num_cpus=num_cpus,
+        ComponentPlan(f"experts-{g}" + (f"-replica-{r}" if expert_replicas > 1 else ""), experts=experts, group=g,
+                      replica=r, num_gpus=gpus_per_group, num_cpus=num_cpus,
                       resources={expert_resource: 0.001} if expert_resource else {})
-        for g, experts in enumerate(split_range(cfg.num_local_experts, expert_groups, "expert_groups")))
+        for g, experts in enumerate(split_range(cfg.num_local_experts, expert_groups, "expert_groups"))
+        for r in range(expert_replicas))
     return ClusterPlan(shards, groups)

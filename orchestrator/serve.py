@@ -41,6 +41,7 @@ class ServeOptions:
     ray_address: str | None = None
     attention_shards: int = 1
     expert_groups: int = 1
+    expert_replicas: int = 1
     router: str = "service"
     device: str = "cpu"
     dtype: str | None = None
@@ -75,8 +76,9 @@ def _init_ray(address: str | None) -> bool:
 
 def model_info(name: str, cfg: ModelConfig, max_len: int, cluster: Cluster) -> ModelInfo:
     groups = cluster.describe()["groups"]
-    placements = tuple(ExpertGroupPlacement(g, tuple(info["experts"]), info["node_id"], tuple(info["gpu_ids"]))
-                       for g, info in enumerate(groups))
+    placements = tuple(ExpertGroupPlacement(plan.group, tuple(info["experts"]), info["node_id"],
+                                            tuple(info["gpu_ids"]), plan.replica)
+                       for plan, info in zip(cluster.plan.groups, groups))
     return ModelInfo(name, cfg.vocab_size, max_len, cfg.num_hidden_layers, cfg.num_local_experts,
                      cfg.num_experts_per_tok, len(cluster.shards), placements)
 
@@ -87,7 +89,7 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
     max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
     plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
-                        expert_resource=opts.expert_resource)
+                        expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
     runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
@@ -105,8 +107,8 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
     """One /metrics for the whole cluster: this process's metrics merged with every component's."""
     def targets() -> list[str]:
         addresses, up = cluster.metrics_targets()
-        for group, ok in up.items():
-            metrics.group_up.labels(str(group)).set(1 if ok else 0)
+        for (group, replica), ok in up.items():
+            metrics.group_up.labels(str(group), str(replica)).set(1 if ok else 0)
         return addresses
 
     merged = CollectorRegistry()

@@ -7,6 +7,7 @@ per layer and step over it (`ExpertStream`). The unary `Forward` is the same com
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -28,9 +29,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     thread: a group serves one message at a time, and its torch threads do the work."""
 
     def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
-                 metrics: ExpertMetrics | None = None, name: str = "0"):
+                 metrics: ExpertMetrics | None = None, name: str = "0", replica: str = "0"):
         self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
-        self.metrics, self.name = metrics, name
+        self.metrics, self.labels = metrics, (name, replica)
 
     async def Forward(self, request, context):
         return self.forward(request)
@@ -50,8 +51,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             y = self.group(request.layer, x, ids)
         reply = expert_pb2.ExpertForwardResponse(hidden=codec.encode(y))
         if self.metrics is not None:
-            self.metrics.forward.labels(self.name).observe(time.perf_counter() - start)
-            self.metrics.rows.labels(self.name).observe(x.shape[0])
+            self.metrics.forward.labels(*self.labels).observe(time.perf_counter() - start)
+            self.metrics.rows.labels(*self.labels).observe(x.shape[0])
         return reply
 
 
@@ -75,10 +76,67 @@ class ExpertStream:
         self.connection = Connection(address, lambda c: expert_pb2_grpc.ExpertServiceStub(c).ForwardStream,
                                      "expert group", timeout_s, max_message_bytes, resolve)
 
-    async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        reply = await self.connection(expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
-                                                                      expert_ids=codec.encode(expert_ids)))
+    async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, retry: bool = True) -> torch.Tensor:
+        """`retry=False`: no waiting for a restart; a gone group raises UNAVAILABLE."""
+        request = expert_pb2.ExpertForwardRequest(layer=layer, hidden=codec.encode(x),
+                                                  expert_ids=codec.encode(expert_ids))
+        reply = await (self.connection(request) if retry else self.connection.send_once(request))
         return codec.decode(reply.hidden, "hidden", x.dtype, tuple(x.shape), self.device)
 
     async def close(self) -> None:
         await self.connection.close()
+
+
+class ExpertReplicas:
+    """One expert group as the router sees it, served by one or more replicas (same experts, separate
+    processes). Each message goes to the healthy replica with the fewest messages in flight. One that
+    finds its replica gone (UNAVAILABLE) goes to another healthy replica at once, while the gone one is
+    reconnected in the background after Ray restarts it; with no healthy replica left, the message
+    waits for a restart, as a group without replicas does."""
+
+    def __init__(self, replicas: list[ExpertStream]):
+        if not replicas:
+            raise ValueError("an expert group needs at least one replica")
+        self.replicas, self.experts = list(replicas), replicas[0].experts
+        self._in_flight = [0] * len(replicas)
+        self._down: set[int] = set()
+        self._revivals: set[asyncio.Task] = set()
+
+    async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        while True:
+            healthy = [i for i in range(len(self.replicas)) if i not in self._down]
+            if len(self.replicas) == 1 or not healthy:  # nothing to fail over to: wait for a restart
+                return await self.replicas[0].forward(layer, x, expert_ids)
+            i = min(healthy, key=self._in_flight.__getitem__)
+            replica, stale = self.replicas[i], self.replicas[i].connection.channel
+            self._in_flight[i] += 1
+            try:
+                return await replica.forward(layer, x, expert_ids, retry=False)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("replica %d of experts %s gone; failing over", i, self.experts)
+                self._mark_down(i, stale)
+            finally:
+                self._in_flight[i] -= 1
+
+    def _mark_down(self, i: int, stale) -> None:
+        if i in self._down:
+            return
+        self._down.add(i)
+
+        async def revive():
+            try:
+                await self.replicas[i].connection.reconnect(stale)
+                self._down.discard(i)
+            except Exception:  # noqa: BLE001 - it stays down; messages use the others
+                log.exception("replica %d of experts %s did not come back", i, self.experts)
+
+        task = asyncio.get_running_loop().create_task(revive())
+        self._revivals.add(task)
+        task.add_done_callback(self._revivals.discard)
+
+    async def close(self) -> None:
+        for task in self._revivals:
+            task.cancel()
+        await asyncio.gather(*(r.close() for r in self.replicas))

@@ -44,12 +44,14 @@ _FINISH_REASONS = {
 
 @dataclass(frozen=True)
 class ExpertGroupPlacement:
-    """Where one expert group runs: its index, the expert ids it owns (in every layer), node, GPUs."""
+    """Where one expert group (one replica of it) runs: its index, the expert ids it owns (in every
+    layer), node, GPUs, and which replica."""
 
     group: int
     experts: tuple[int, ...]
     node_id: str
     gpu_ids: tuple[str, ...] = ()
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ def response_to_pb(out: StepOutput) -> generate_pb2.GenerateResponse:
 
 def model_info_to_pb(info: ModelInfo) -> generate_pb2.GetModelInfoResponse:
     groups = [generate_pb2.ExpertGroupPlacement(group=g.group, experts=g.experts, node_id=g.node_id,
-                                                gpu_ids=g.gpu_ids) for g in info.expert_groups]
+                                                gpu_ids=g.gpu_ids, replica=g.replica) for g in info.expert_groups]
     return generate_pb2.GetModelInfoResponse(
         model_name=info.model_name, vocab_size=info.vocab_size, context_length=info.context_length,
         num_layers=info.num_layers, num_experts=info.num_experts, experts_per_token=info.experts_per_token,

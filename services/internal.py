@@ -151,14 +151,23 @@ class Connection:
             if self.resolve is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             log.warning("%s at %s unavailable (%s); waiting for it to come back", self.kind, address, exc.details())
-        async with self._reconnecting:  # concurrent messages that failed together reconnect once
-            if self.channel is channel:
-                self._connect(await asyncio.get_running_loop().run_in_executor(None, self.resolve))
-                await channel.close()
-                log.info("%s back at %s", self.kind, self.address)
+        await self.reconnect(channel)
         if not self.resend:
             raise ServiceRestartedError(f"{self.kind} at {address} was restarted (now at {self.address})")
         return await self._exchange(request)
+
+    async def send_once(self, request):
+        """Send without any retry: a gone service raises UNAVAILABLE (see `reconnect`)."""
+        return await self._exchange(request)
+
+    async def reconnect(self, stale: grpc.aio.Channel) -> None:
+        """Wait for the service to be back (`resolve`) and connect to it, unless a message that failed
+        together with this one already did (the channel is no longer `stale`)."""
+        async with self._reconnecting:
+            if self.channel is stale:
+                self._connect(await asyncio.get_running_loop().run_in_executor(None, self.resolve))
+                await stale.close()
+                log.info("%s back at %s", self.kind, self.address)
 
     async def close(self) -> None:
         self._exchange.reset()

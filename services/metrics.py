@@ -79,9 +79,9 @@ class RouterMetrics:
 class ExpertMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.forward = Histogram("expertmesh_expert_forward_seconds", "One expert-group call: rows through experts",
-                                 ["group"], buckets=_LATENCY_BUCKETS, registry=registry)
+                                 ["group", "replica"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.rows = Histogram("expertmesh_expert_rows", "Rows (token, expert pairs) per expert-group call",
-                              ["group"], buckets=_ROWS_BUCKETS, registry=registry)
+                              ["group", "replica"], buckets=_ROWS_BUCKETS, registry=registry)
 
 
 class AttentionMetrics:
@@ -114,8 +114,8 @@ class GatewayMetrics:
                                registry=registry)
         self.kv_used = Gauge("expertmesh_scheduler_kv_cache_used_ratio", "Share of KV-cache positions in use",
                              registry=registry)
-        self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group answered the last scrape",
-                              ["group"], registry=registry)
+        self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group (replica) answered the last "
+                              "scrape", ["group", "replica"], registry=registry)
 
 
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -60,7 +60,7 @@ def router_to(expert_servers, reader, loop):
     """Gates of every layer fanning out to the servers, built as the cluster's router actors build it."""
     from expertmesh.orchestrator.actors import Endpoint, RuntimeOptions, remote_router
 
-    groups = [Endpoint(f"127.0.0.1:{port}", experts=experts) for experts, _, _, port in expert_servers]
+    groups = [[Endpoint(f"127.0.0.1:{port}", experts=experts)] for experts, _, _, port in expert_servers]
 
     async def build():
         return remote_router(reader, tuple(range(reader.config.num_hidden_layers)), groups, RuntimeOptions())
@@ -199,8 +199,8 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
             assert address is None
             return
         text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-        assert 'expertmesh_expert_forward_seconds_count{group="3"} 1.0' in text
-        assert 'expertmesh_expert_rows_sum{group="3"} 2.0' in text
+        assert 'expertmesh_expert_forward_seconds_count{group="3",replica="0"} 1.0' in text
+        assert 'expertmesh_expert_rows_sum{group="3",replica="0"} 2.0' in text
     finally:
         component.loop.run(component.server.stop(grace=None))
         component.loop.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -59,5 +60,34 @@ def test_component_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt, k
         assert got == expected  # every request complete, token for token
         assert cluster.describe()[kind][index]["pid"] != victim  # a new process serves it
         print(f"{kind}[{index}] killed -> next token: {pause:.2f} s")
+    finally:
+        cluster.shutdown()
+
+
+def forward_calls(metrics_address: str) -> float:
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("expertmesh_expert_forward_seconds_count"))
+
+
+def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster, tiny_ckpt):
+    """Two replicas of each group: both serve; one killed (and never restarted: restarts=0) costs
+    nothing, because its messages go to the other replica at once."""
+    cfg = ModelConfig.from_checkpoint(tiny_ckpt)
+    tok = Tokenizer.from_checkpoint(tiny_ckpt)
+    expected, _ = run(Engine.from_checkpoint(tiny_ckpt, max_batch_size=SLOTS, max_seq_len=MAX_LEN))
+    plan = plan_cluster(cfg, 1, 2, expert_replicas=2)
+    assert [(g.group, g.replica) for g in plan.groups] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    cluster = Cluster(str(tiny_ckpt), plan, RuntimeOptions(threads=1), SLOTS, MAX_LEN, restarts=0).start()
+    try:
+        engine = Engine(cluster.runner(), tok, cfg, Scheduler(SLOTS, MAX_LEN))
+        got, _ = run(engine)
+        assert got == expected
+        groups = cluster.describe()["groups"]
+        assert all(forward_calls(g["metrics"]) > 0 for g in groups)  # every replica took messages
+        victim = groups[3]["pid"]  # group 1, replica 1
+        got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
+        assert got == expected
+        print(f"replica killed, no restart -> next token: {pause:.2f} s")
     finally:
         cluster.shutdown()

@@ -83,7 +83,8 @@ def check_metrics(families: dict[str, list], prompt_len: int, generated: int, re
     assert gen == [requests * generated]
     codes = {s.labels["code"]: s.value for s in families["expertmesh_gateway_requests"] if s.name.endswith("_total")}
     assert codes == {"OK": requests, "INVALID_ARGUMENT": 1}
-    assert {s.labels["group"]: s.value for s in families["expertmesh_expert_group_up"]} == {"0": 1.0, "1": 1.0}
+    assert {(s.labels["group"], s.labels["replica"]): s.value for s in families["expertmesh_expert_group_up"]} == \
+        {("0", "0"): 1.0, ("1", "0"): 1.0}
     for name in ("expertmesh_router_dispatch_seconds", "expertmesh_expert_forward_seconds",
                  "expertmesh_attention_step_seconds", "expertmesh_gateway_time_to_first_token_seconds",
                  "expertmesh_scheduler_kv_cache_used_ratio", "expertmesh_router_sent_bytes"):
