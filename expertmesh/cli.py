@@ -148,6 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from expertmesh.orchestrator.serve import ServeOptions, serve
 
+    if args.max_tokens_per_step < args.max_batch_size:
+        print(f"expertmesh serve: --max-tokens-per-step ({args.max_tokens_per_step}) must be at least "
+              f"--max-batch-size ({args.max_batch_size}): every running sequence decodes one token per step",
+              file=sys.stderr)
+        return 2
     opts = ServeOptions(
         model=str(args.model or default_checkpoint()), host=args.host, port=args.port, ray_address=args.ray_address,
         attention_shards=args.attention_shards, expert_groups=args.expert_groups,
@@ -156,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype, gpus_per_shard=args.gpus_per_shard, gpus_per_group=args.gpus_per_group,
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
+        max_tokens_per_step=args.max_tokens_per_step,
         threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
@@ -218,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="KV-cache slots: sequences per step")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context per sequence (capped by the model's)")
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-tokens-per-step", type=int, default=4096,
+                   help="token budget of one step (longer prompts prefill in chunks); at least --max-batch-size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per component")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")

@@ -52,6 +52,7 @@ class ServeOptions:
     max_batch_size: int = 32
     max_seq_len: int = 2048
     max_waiting: int = 1024
+    max_tokens_per_step: int = 4096
     threads: int = 1
     metrics_port: int | None = None
     grace_s: float = 10.0
@@ -94,7 +95,7 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
     engine = Engine(cluster.runner(), Tokenizer.from_checkpoint(opts.model), cfg,
-                    Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=max(4096, opts.max_batch_size),
+                    Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=opts.max_tokens_per_step,
                               max_waiting=opts.max_waiting))
     warm = engine.generate([GenerationRequest(prompt_token_ids=(cfg.bos_token_id,),
                                               params=SamplingParams(max_new_tokens=2, ignore_eos=True))])
