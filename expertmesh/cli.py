@@ -143,6 +143,15 @@ def _generate_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _internal_tls(args: argparse.Namespace) -> tuple[str, str, str] | None:
+    """The three paths, absolute (components may start in other directories), or None; a partial set
+    is passed through for InternalTLS.load to reject with a message."""
+    paths = (args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key)
+    if not any(paths):
+        return None
+    return tuple(os.path.abspath(p) if p else p for p in paths)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -162,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         attention_resource=args.attention_resource, expert_resource=args.expert_resource,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
         max_tokens_per_step=args.max_tokens_per_step,
+        internal_tls=_internal_tls(args),
         threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
@@ -230,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.add_argument("--tls-cert", metavar="FILE", help="serve the API over TLS with this PEM certificate chain")
+    p.add_argument("--internal-tls-ca", metavar="FILE",
+                   help="mutual TLS between the cluster's components: the CA every component requires of its peers")
+    p.add_argument("--internal-tls-cert", metavar="FILE",
+                   help="the components' certificate chain (subject alt name DNS:expertmesh-internal), same path "
+                        "on every node")
+    p.add_argument("--internal-tls-key", metavar="FILE", help="its private key (unencrypted PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
     _token_args(p, "every call must carry (health checks stay open)")
     p.set_defaults(func=cmd_serve)

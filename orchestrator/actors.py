@@ -18,6 +18,7 @@ from expertmesh.model.load import load_decoder_stack, load_expert_group, load_ga
 from expertmesh.model.moe import Router
 from expertmesh.presets import DTYPES
 from expertmesh.model.decoder import DecoderStack
+from expertmesh.services.access import InternalTLS
 from expertmesh.services.attention import AttentionServicer, serve_attention
 from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
 from expertmesh.services.internal import EventLoopThread
@@ -36,11 +37,16 @@ class RuntimeOptions:
     call_timeout_s: float = 30.0
     restart_timeout_s: float = 120.0  # how long a caller waits for a restarted expert group
     metrics: bool = True  # record and serve Prometheus metrics in every component
+    # Mutual TLS between components: (CA, certificate chain, key) PEM paths, the same on every node.
+    internal_tls: tuple[str, str, str] | None = None
 
     def torch_dtype(self, reader: CheckpointReader) -> torch.dtype:
         if self.dtype:
             return DTYPES[self.dtype]
         return torch.float32 if self.device == "cpu" else reader.stored_dtype()
+
+    def tls(self) -> InternalTLS | None:
+        return InternalTLS.load(*self.internal_tls) if self.internal_tls else None
 
     def torch_device(self) -> str:
         return "cuda" if self.device == "cuda" else "cpu"  # Ray's CUDA_VISIBLE_DEVICES makes it our GPU
@@ -92,7 +98,7 @@ class ExpertGroupComponent:
         servicer = ExpertServicer(group, reader.config.hidden_size, dtype, options.torch_device(),
                                   self.metrics.make(ExpertMetrics), name, str(replica))
         self.loop = EventLoopThread(f"experts-{name}")
-        self.server, port = self.loop.run(serve_experts(servicer, f"{host}:0"))
+        self.server, port = self.loop.run(serve_experts(servicer, f"{host}:0", tls=options.tls()))
         self.experts, self.replica, self._address = tuple(experts), replica, f"{host}:{port}"
 
     def address(self) -> str:
@@ -154,8 +160,9 @@ def remote_router(reader: CheckpointReader, layers: tuple[int, ...], groups: Gro
     """The gates of `layers`, fanning out to the expert services at `groups`. Call it on the event
     loop that will use it (its channels belong to that loop)."""
     cfg, device = reader.config, options.torch_device()
+    tls = options.tls()
     replicas = [ExpertReplicas([ExpertStream(r.address, r.experts, options.call_timeout_s, device=device,
-                                             resolve=r.resolver(options.restart_timeout_s)) for r in group])
+                                             resolve=r.resolver(options.restart_timeout_s), tls=tls) for r in group])
                 for group in groups]
     return RemoteRouter(Router(load_gates(reader, layers, options.torch_dtype(reader), device),
                                cfg.num_experts_per_tok, replicas, cfg.num_local_experts))
@@ -177,7 +184,7 @@ class RouterComponent:
         metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
         servicer = RouterServicer(metrics.metered(router) if metrics else router, layers, reader.config.hidden_size,
                                   options.torch_dtype(reader), options.torch_device())
-        return await serve_router(servicer, f"{host}:0")
+        return await serve_router(servicer, f"{host}:0", tls=options.tls())
 
     def address(self) -> str:
         return self._address
@@ -208,13 +215,13 @@ class AttentionShardComponent:
                      options: RuntimeOptions, host: str, name: str):
         if isinstance(router, Endpoint):
             moe = RouterStream(router.address, options.call_timeout_s, device=options.torch_device(),
-                               resolve=router.resolver(options.restart_timeout_s))
+                               resolve=router.resolver(options.restart_timeout_s), tls=options.tls())
         else:
             moe = remote_router(reader, stack.layers, router, options)
             metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
             moe = metrics.metered(moe) if metrics else moe
         servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name)
-        return await serve_attention(servicer, f"{host}:0")
+        return await serve_attention(servicer, f"{host}:0", tls=options.tls())
 
     def address(self) -> str:
         return self._address

@@ -87,7 +87,7 @@ class Cluster:
         resolvers = [Endpoint(a, actor).resolver(self.options.restart_timeout_s)
                      for a, actor in zip(self.shard_addresses, self.shards)]
         return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s,
-                          resolvers=resolvers)
+                          resolvers=resolvers, tls=self.options.tls())
 
     def describe(self) -> dict:
         """Where every component runs: {"groups": [...], "routers": [...], "shards": [...]} of info dicts."""

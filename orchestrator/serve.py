@@ -24,7 +24,7 @@ from expertmesh.orchestrator.cluster import Cluster
 from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
-from expertmesh.services.access import PublicAccess
+from expertmesh.services.access import InternalTLS, PublicAccess
 from expertmesh.services.gateway import ExpertGroupPlacement, ModelInfo, start_gateway
 from expertmesh.services.gateway_loop import EngineLoop
 from expertmesh.services.metrics import ClusterCollector, GatewayMetrics, serve_metrics
@@ -53,6 +53,7 @@ class ServeOptions:
     max_seq_len: int = 2048
     max_waiting: int = 1024
     max_tokens_per_step: int = 4096
+    internal_tls: tuple[str, str, str] | None = None  # mutual TLS between components: CA, cert, key paths
     threads: int = 1
     metrics_port: int | None = None
     grace_s: float = 10.0
@@ -91,7 +92,8 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
     plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
                         expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
-    runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None)
+    runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None,
+                             internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
     engine = Engine(cluster.runner(), Tokenizer.from_checkpoint(opts.model), cfg,
@@ -120,6 +122,8 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
 async def serve(opts: ServeOptions) -> int:
     # Certificates and token are checked before anything starts: a bad flag fails in a second, not after Ray.
     access = PublicAccess.load(opts.tls_cert, opts.tls_key, opts.auth_token, opts.auth_token_file)
+    if opts.internal_tls:
+        InternalTLS.load(*opts.internal_tls)  # every component loads them again on its node
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:

@@ -70,13 +70,13 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION, f"Bearer {token}"),) if token else ()
 
 
-def _check_key_pair(cert_path: str, key_path: str) -> None:
+def _check_key_pair(cert_path: str, key_path: str, flags: str = "--tls-cert, --tls-key") -> None:
     """Fail now, not at the first handshake, if the files are not a PEM chain and its unencrypted key."""
     try:
         # An empty password makes an encrypted key fail here instead of prompting on the terminal.
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path, password=b"")
     except ssl.SSLError as exc:
-        raise ValueError(f"--tls-cert, --tls-key: {cert_path} and {key_path} are not a PEM certificate chain "
+        raise ValueError(f"{flags}: {cert_path} and {key_path} are not a PEM certificate chain "
                          f"and its unencrypted private key ({exc.reason or exc})") from None
 
 
@@ -167,3 +167,38 @@ def _denied(handler: grpc.RpcMethodHandler | None, method: str, problem: str) ->
         return grpc.unary_unary_rpc_method_handler(deny)
     kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
     return handler._replace(**{kind: deny}, request_deserializer=None)
+
+
+INTERNAL_SERVER_NAME = "expertmesh-internal"
+
+
+@dataclass(frozen=True)
+class InternalTLS:
+    """Mutual TLS between the cluster's own components (gateway, attention shards, routers, expert
+    groups). Each serves with, and calls with, one certificate chain signed by `ca`, and requires the
+    same of its peers: nothing without a certificate from that CA can call an internal service.
+    Components are reached by IP address, so the certificate must name `expertmesh-internal` (a DNS
+    subject alternative name) and every caller checks that name instead of the address."""
+
+    ca: bytes = field(repr=False)
+    cert_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+    @classmethod
+    def load(cls, ca: str | None, cert: str | None, key: str | None) -> InternalTLS | None:
+        """Read the three PEM files (all or none of them); ValueError names the flag and file."""
+        given = [p is not None for p in (ca, cert, key)]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError("--internal-tls-ca, --internal-tls-cert, --internal-tls-key: give all three or none")
+        _check_key_pair(cert, key, "--internal-tls-cert, --internal-tls-key")
+        return cls(read_file("--internal-tls-ca", ca), read_file("--internal-tls-cert", cert),
+                   read_file("--internal-tls-key", key))
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.cert_chain)], root_certificates=self.ca,
+                                           require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.private_key, self.cert_chain)

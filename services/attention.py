@@ -19,6 +19,7 @@ from expertmesh.model.decoder import DecoderStack
 from expertmesh.sampling import Sampler
 from expertmesh.scheduler import CacheLostError, StepPlan
 from expertmesh.services import codec
+from expertmesh.services.access import InternalTLS
 from expertmesh.services.convert import sampling_from_pb, sampling_to_pb
 from expertmesh.services.metrics import AttentionMetrics
 from expertmesh.services.router import AsyncMoE
@@ -102,11 +103,12 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
 
 
 async def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1:0",
-                          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+                          max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                          tls: InternalTLS | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a shard server on the running loop; returns it and the port it bound. Steps of one shard
     never overlap (the gateway runs one step at a time)."""
     return await start_internal_server(servicer, attention_pb2_grpc.add_AttentionServiceServicer_to_server,
-                                       address, max_message_bytes)
+                                       address, max_message_bytes, tls)
 
 
 class ShardChain:
@@ -119,19 +121,20 @@ class ShardChain:
 
     def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split_at: int = 4,
-                 resolvers: Sequence[Callable[[], str] | None] | None = None):
+                 resolvers: Sequence[Callable[[], str] | None] | None = None, tls: InternalTLS | None = None):
         """`resolvers[k]`, if given, waits for shard k to be back after a restart and returns its
         address: a step that finds it gone then raises `CacheLostError` (its KV cache went with it)
         and the engine re-prefills every running sequence."""
         self.split_at = split_at
         self._loop = EventLoopThread("shard-chain")
-        self._loop.run(self._connect(addresses, timeout_s, max_message_bytes, resolvers or [None] * len(addresses)))
+        self._loop.run(self._connect(addresses, timeout_s, max_message_bytes, resolvers or [None] * len(addresses),
+                                     tls))
         self._released: list[str] = []
 
     async def _connect(self, addresses: Sequence[str], timeout_s: float, max_message_bytes: int,
-                       resolvers: Sequence[Callable[[], str] | None]) -> None:
+                       resolvers: Sequence[Callable[[], str] | None], tls: InternalTLS | None) -> None:
         self.shards = [Connection(a, lambda c: attention_pb2_grpc.AttentionServiceStub(c).StepStream,
-                                  "attention shard", timeout_s, max_message_bytes, resolve, resend=False)
+                                  "attention shard", timeout_s, max_message_bytes, resolve, resend=False, tls=tls)
                        for a, resolve in zip(addresses, resolvers)]
 
     def run(self, plan: StepPlan) -> list[int]:

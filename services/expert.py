@@ -17,6 +17,7 @@ import torch
 
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
+from expertmesh.services.access import InternalTLS
 from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, start_internal_server
 from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
@@ -57,10 +58,11 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
 
 async def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0",
-                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+                        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                        tls: InternalTLS | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a server for one expert group on the running loop; returns it and the port it bound."""
     return await start_internal_server(servicer, expert_pb2_grpc.add_ExpertServiceServicer_to_server, address,
-                                       max_message_bytes)
+                                       max_message_bytes, tls)
 
 
 class ExpertStream:
@@ -71,10 +73,10 @@ class ExpertStream:
 
     def __init__(self, address: str, experts: tuple[int, ...], timeout_s: float = 30.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
-                 resolve: Callable[[], str] | None = None):
+                 resolve: Callable[[], str] | None = None, tls: InternalTLS | None = None):
         self.experts, self.device = tuple(experts), device
         self.connection = Connection(address, lambda c: expert_pb2_grpc.ExpertServiceStub(c).ForwardStream,
-                                     "expert group", timeout_s, max_message_bytes, resolve)
+                                     "expert group", timeout_s, max_message_bytes, resolve, tls=tls)
 
     async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, retry: bool = True) -> torch.Tensor:
         """`retry=False`: no waiting for a restart; a gone group raises UNAVAILABLE."""

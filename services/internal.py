@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from expertmesh.services.access import INTERNAL_SERVER_NAME, InternalTLS
 from expertmesh.services.errors import ErrorMappingInterceptor
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
@@ -49,13 +50,24 @@ class EventLoopThread:
         self._thread.join(timeout=5)
 
 
+def internal_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     tls: InternalTLS | None = None) -> grpc.aio.Channel:
+    """A channel to an internal service: plaintext, or mutual TLS checking the internal name."""
+    options = channel_options(max_message_bytes)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                   options=[*options, ("grpc.ssl_target_name_override", INTERNAL_SERVER_NAME)])
+
+
 async def start_internal_server(servicer, add_to_server: Callable[[object, grpc.aio.Server], None], address: str,
-                                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server for one servicer on the running loop, errors mapped in one place; returns it
-    and its port."""
+                                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                                tls: InternalTLS | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server for one servicer on the running loop, errors mapped in one place, plaintext
+    or mutual TLS; returns it and its port."""
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
     add_to_server(servicer, server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     await server.start()
     return server, port
 
@@ -131,16 +143,16 @@ class Connection:
 
     def __init__(self, address: str, open_stream: Callable[[grpc.aio.Channel], Callable], kind: str,
                  timeout_s: float, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 resolve: Callable[[], str] | None = None, resend: bool = True):
+                 resolve: Callable[[], str] | None = None, resend: bool = True, tls: InternalTLS | None = None):
         self.open_stream, self.kind, self.timeout_s = open_stream, kind, timeout_s
-        self.resolve, self.resend = resolve, resend
-        self._options = channel_options(max_message_bytes)
+        self.resolve, self.resend, self.tls = resolve, resend, tls
+        self.max_message_bytes = max_message_bytes
         self._reconnecting = asyncio.Lock()
         self._connect(address)
 
     def _connect(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=self._options)
+        self.channel = internal_channel(address, self.max_message_bytes, self.tls)
         self._exchange = StreamExchange(self.open_stream(self.channel), f"{self.kind} at {address}", self.timeout_s)
 
     async def __call__(self, request):

@@ -16,6 +16,7 @@ import torch
 
 from expertmesh.model.moe import Router, combine
 from expertmesh.services import codec
+from expertmesh.services.access import InternalTLS
 from expertmesh.services.expert import ExpertStream
 from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, start_internal_server
 from expertmesh.v1 import router_pb2, router_pb2_grpc
@@ -62,10 +63,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
 
 async def serve_router(servicer: RouterServicer, address: str = "127.0.0.1:0",
-                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+                       max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                       tls: InternalTLS | None = None) -> tuple[grpc.aio.Server, int]:
     """Start a router server on the running loop; returns it and the port it bound."""
     return await start_internal_server(servicer, router_pb2_grpc.add_RouterServiceServicer_to_server, address,
-                                       max_message_bytes)
+                                       max_message_bytes, tls)
 
 
 class RouterStream:
@@ -74,10 +76,10 @@ class RouterStream:
     to the restarted router (`internal.Connection`)."""
 
     def __init__(self, address: str, timeout_s: float = 30.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 device: str = "cpu", resolve: Callable[[], str] | None = None):
+                 device: str = "cpu", resolve: Callable[[], str] | None = None, tls: InternalTLS | None = None):
         self.device = device
         self.connection = Connection(address, lambda c: router_pb2_grpc.RouterServiceStub(c).RouteStream, "router",
-                                     timeout_s, max_message_bytes, resolve)
+                                     timeout_s, max_message_bytes, resolve, tls=tls)
 
     async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         reply = await self.connection(router_pb2.RouteRequest(layer=layer, hidden=codec.encode(x)))

@@ -28,28 +28,19 @@ from expertmesh.engine import Engine
 from expertmesh.services.access import PublicAccess
 from expertmesh.services.gateway import SERVICE_NAME, ModelInfo, start_gateway
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+from certs import issue, make_ca, openssl, require_openssl
 from test_gateway import AioThread
 
 SAMPLING = generate_pb2.SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     """A throwaway CA, a server certificate it signs for 127.0.0.1 and localhost, and a stray key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+    require_openssl()
     d = tmp_path_factory.mktemp("certs")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=expertmesh test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", cwd=d)
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "server.ext", cwd=d)
+    make_ca(d)
+    issue(d, "server", "IP:127.0.0.1,DNS:localhost")
     openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "other.key", cwd=d)
     return d
 
