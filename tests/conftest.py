@@ -1,8 +1,21 @@
-"""Shared fixtures: small random-weight checkpoints written once per test session."""
+"""Shared fixtures, each made once per test session: small random-weight checkpoints, and one two-node
+Ray cluster on this machine."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,18 +67,154 @@ def hf_ckpt(tmp_path_factory):
     return out
 
 
+def pytest_configure(config):
+    """Ray reads these once, when first imported (test modules import it at collection), so they are
+    set here, for this process and every Ray or `expertmesh serve` process it starts: Ray on loopback
+    only, with token authentication and a token of this session's own."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+ATTENTION, EXPERT = "attention", "expert"  # custom resources marking the two nodes of `ray_cluster`
+# All declared GPUs live on the expert node: GPU ids are per node, so distinct ids are distinct GPUs
+# only within one node, and expert groups are what asks for whole GPUs.
 DECLARED_GPUS = 8
+RAY_START_TIMEOUT_S = 120
+# Loopback, but not 127.0.0.1: `ray start --address` replaces 127.0.0.1 and "localhost" with the
+# machine's outward address (ray-project/ray#59110), where nothing of ours listens.
+NODE_IP = "127.0.0.2"
+
+
+@dataclass(frozen=True)
+class TwoNodeRay:
+    """The session's Ray cluster: where to join it, and which node is which."""
+
+    address: str  # GCS address, for `ray.init(address=...)` and `expertmesh serve --ray-address`
+    attention_node: str  # node id of the head, which advertises the "attention" resource
+    expert_node: str  # node id of the joined node: the "expert" resource and the declared GPUs
+
+
+def _free_ports(n: int) -> list[int]:
+    """Ports the OS has free on loopback now (from its ephemeral range, outside Ray's worker ports)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((NODE_IP, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _start_node(temp_dir: Path, name: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start --block` as our own child, leading its own process group (so it can be stopped whole,
+    and only it). Every listener on loopback; ports the CLI would fix at a default are chosen free."""
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", NODE_IP,
+           "--temp-dir", str(temp_dir), "--dashboard-agent-listen-port", "0", "--object-store-memory",
+           str(128 << 20), "--num-cpus", "2", *args]
+    with open(temp_dir / f"{name}.log", "w") as log:  # the child keeps its own copy of the file
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _wait_until(what: str, ready, nodes: list[subprocess.Popen], temp_dir: Path) -> None:
+    """Poll `ready` until it holds; fail with the nodes' output if one exits or time runs out."""
+    deadline = time.monotonic() + RAY_START_TIMEOUT_S
+    while not ready():
+        if any(p.poll() is not None for p in nodes) or time.monotonic() > deadline:
+            logs = "".join(f"--- {log.name}\n" + "".join(log.read_text().splitlines(True)[-15:])
+                           for log in sorted(temp_dir.glob("*.log")))
+            raise RuntimeError(f"Ray: no {what} within {RAY_START_TIMEOUT_S} s (or a node exited)\n{logs}")
+        time.sleep(0.2)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection((NODE_IP, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (Linux). Ray workers move to process groups of their own, but
+    stay in the session of the `ray start` that started their node."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(session) == sid and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _gone(node: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether every process of the node's session has exited within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        node.poll()  # reap the leader, or it stays a zombie
+        if not _session_pids(node.pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _stop_node(node: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM to the node's process group (`ray start`, raylet, GCS, agents; the raylet stops its
+    workers), then SIGKILL to whatever of its session is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(node.pid, signal.SIGTERM)
+    if _gone(node, grace_s):
+        return
+    for pid in _session_pids(node.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if not _gone(node, 10):
+        raise RuntimeError(f"processes of the Ray node started as {node.pid} survived SIGKILL")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole session, on loopback only, declaring GPUs that do not
-    exist so placement by GPU id can be checked on a CPU machine."""
-    import os
-
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """One real two-node Ray cluster for the whole session, on loopback only: a head node advertising
+    "attention", and a second node joined with `ray start --address` advertising "expert" and GPUs that
+    do not exist (so placement by GPU id can be checked on a CPU machine). This process joins it as a
+    driver. Both nodes are processes this session started, and it stops exactly those."""
     ray = pytest.importorskip("ray")
-    ctx = ray.init(num_cpus=4, num_gpus=DECLARED_GPUS, include_dashboard=True, dashboard_host="127.0.0.1",
-                   _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    yield ctx
-    ray.shutdown()
+    temp_dir = Path(tempfile.mkdtemp(prefix="em-ray-"))  # short: Ray's socket paths live under it
+    gcs_port, client_port = _free_ports(2)
+    address = f"{NODE_IP}:{gcs_port}"
+    # Both nodes: no draining on SIGTERM (there is nothing to drain in tests and it waits 30 s).
+    # The joined one also needs Ray's multi-node switch on: "0" (set for this session) means to Ray
+    # that no second node may join. Both run on loopback all the same, from --node-ip-address.
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    nodes: list[subprocess.Popen] = []
+    try:
+        nodes.append(_start_node(
+            temp_dir, "attention", "--head", "--port", str(gcs_port), "--ray-client-server-port", str(client_port),
+            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", "0",
+            "--disable-usage-stats", "--num-gpus", "0", "--resources", json.dumps({ATTENTION: 1}), env=env))
+        _wait_until("GCS", lambda: _accepts(gcs_port), nodes, temp_dir)
+        nodes.append(_start_node(temp_dir, "expert", "--address", address, "--num-gpus", str(DECLARED_GPUS),
+                                 "--resources", json.dumps({EXPERT: 1}),
+                                 "--include-log-monitor", "false",  # one per machine: the head's
+                                 env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}))
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+
+        def node_with(resource: str) -> str | None:
+            ids = [n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"]]
+            return ids[0] if ids else None
+
+        _wait_until("attention and expert nodes", lambda: node_with(ATTENTION) and node_with(EXPERT), nodes,
+                    temp_dir)
+        with pytest.MonkeyPatch.context() as mp:
+            # For what finds its cluster by itself (Ray's state API): not by the machine's processes,
+            # which include other Ray clusters.
+            mp.setenv("RAY_ADDRESS", address)
+            yield TwoNodeRay(address, node_with(ATTENTION), node_with(EXPERT))
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):  # the joined node first, while its GCS is still there
+            _stop_node(node)
+        shutil.rmtree(temp_dir, ignore_errors=True)

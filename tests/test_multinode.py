@@ -1,0 +1,63 @@
+"""Two nodes on one machine: `expertmesh serve --ray-address` against the session's two-node Ray
+cluster, with `--attention-resource` and `--expert-resource` naming the nodes' custom resources, puts
+every expert group on the expert node and every attention shard and router on the attention node, and
+answers with the single-process engine's tokens."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from conftest import ATTENTION, EXPERT
+from test_serve import alive_components, wait_for_line, wait_serving
+
+from expertmesh.engine import Engine, GenerationRequest
+from expertmesh.sampling import SamplingParams
+from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+
+
+def test_serve_places_experts_and_attention_on_their_nodes(ray_cluster, tiny_ckpt):
+    assert ray_cluster.attention_node != ray_cluster.expert_node
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", "0",
+           "--ray-address", ray_cluster.address, "--attention-resource", ATTENTION, "--expert-resource", EXPERT,
+           "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "2", "--max-seq-len", "64",
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        address = wait_for_line(proc, lines, r"serving .* on (\S+:\d+)")
+        wait_serving(address)
+        stub = generate_pb2_grpc.GenerateServiceStub(grpc.insecure_channel(address))
+
+        info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
+        assert [(list(g.experts), g.node_id) for g in info.expert_groups] == [
+            ([0, 1, 2, 3], ray_cluster.expert_node), ([4, 5, 6, 7], ray_cluster.expert_node)]
+        nodes: dict[str, list[str]] = {}  # Ray's own view: actor class -> the nodes its actors run on
+        for actor in alive_components():
+            nodes.setdefault(actor.class_name, []).append(actor.node_id)
+        assert nodes == {"ExpertGroupComponent": [ray_cluster.expert_node] * 2,
+                         "RouterComponent": [ray_cluster.attention_node] * 2,
+                         "AttentionShardComponent": [ray_cluster.attention_node] * 2}
+
+        prompt, params = "Two nodes, one machine:", SamplingParams(max_new_tokens=12, ignore_eos=True)
+        reply = stub.Generate(generate_pb2.GenerateRequest(
+            prompt=prompt, sampling=generate_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True)), timeout=60)
+        expected = Engine.from_checkpoint(tiny_ckpt, max_batch_size=1, max_seq_len=64).generate(
+            [GenerationRequest(prompt=prompt, params=params)])[0]
+        assert list(reply.token_ids) == expected.token_ids and reply.text == expected.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("serve did not exit within 60 s of SIGTERM")
+    assert code == 0, "".join(lines[-30:])
+    deadline = time.monotonic() + 30
+    while alive_components() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive_components() == [], "actors left behind after SIGTERM"
