@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cluster actor")
+    parser.add_argument("--attention-threads", type=int, nargs="+", default=[1],
+                        help="torch threads per attention shard; several: one cluster each, side by side")
     parser.add_argument("--router", choices=["service", "inline"], nargs="+", default=["service", "inline"],
                         help="where each cluster's router runs; several: one cluster each, measured side by side")
     args = parser.parse_args()
@@ -78,8 +80,12 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups)
-    clusters = {f"cluster, router {r}": Cluster(model, plan, RuntimeOptions(threads=args.threads), slots, max_len,
-                                                router=r).start() for r in args.router}
+    clusters = {}
+    for r in args.router:
+        for at in args.attention_threads:
+            name = f"cluster, router {r}" + (f", {at} attention threads" if len(args.attention_threads) > 1 else "")
+            options = RuntimeOptions(threads=args.threads, attention_threads=at)
+            clusters[name] = Cluster(model, plan, options, slots, max_len, router=r).start()
     sides = {"engine": local, **{name: Engine(cl.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
                                  for name, cl in clusters.items()}}
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: {args.shards} attention shards x "

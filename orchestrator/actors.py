@@ -33,6 +33,7 @@ class RuntimeOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on CUDA
     threads: int = 1  # torch CPU threads per component (see _setup)
+    attention_threads: int | None = None  # for attention shards, if not `threads`
     host: str | None = None  # where servers listen; None: this node's address as Ray knows it
     call_timeout_s: float = 30.0
     restart_timeout_s: float = 120.0  # how long a caller waits for a restarted expert group
@@ -52,13 +53,13 @@ class RuntimeOptions:
         return "cuda" if self.device == "cuda" else "cpu"  # Ray's CUDA_VISIBLE_DEVICES makes it our GPU
 
 
-def _setup(options: RuntimeOptions) -> str:
+def _setup(options: RuntimeOptions, threads: int | None = None) -> str:
     """Per-process settings; returns the host to listen on."""
     # One thread per component by default: the components of a step hand work to each other, and a
     # process whose OpenMP team spins after its part steals the cores the next one needs. Measured on
     # 2 cores, small preset, 2 shards x 4 groups: one thread each gave 110 ms per decode step at
     # concurrency 1, one per core 149 ms (and 0.57x vs 0.46x of the engine at concurrency 32).
-    torch.set_num_threads(options.threads)
+    torch.set_num_threads(threads or options.threads)
     if options.host:
         return options.host
     try:
@@ -202,7 +203,7 @@ class AttentionShardComponent:
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], router: Endpoint | Groups, num_slots: int,
                  max_len: int, options: RuntimeOptions, name: str = "0"):
-        host = _setup(options)
+        host = _setup(options, options.attention_threads)
         reader = CheckpointReader(checkpoint)
         self.metrics = Metrics(host, options.metrics)
         stack = load_decoder_stack(reader, layers, None, num_slots, max_len, options.torch_dtype(reader),

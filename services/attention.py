@@ -7,7 +7,6 @@ sampled ids (out of the last) travel. Inside a shard every layer calls its MoE (
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -112,20 +111,19 @@ async def serve_attention(servicer: AttentionServicer, address: str = "127.0.0.1
 
 
 class ShardChain:
-    """The attention shards in layer order, as the engine's `StepRunner` (called from its thread).
+    """The attention shards in layer order, as the engine's `StepRunner` (called from its thread):
+    one message per shard and step, on a stream to each shard.
 
-    A step of at least `split_at` sequences runs as two micro-batches of disjoint sequences, in flight
-    together: while one waits on its experts, the other computes attention, so the components'
-    processes overlap instead of taking turns. Each micro-batch is one message per shard on that
-    shard's stream (a lane each)."""
+    Not split into micro-batches: on CPU the experts are memory-bound, and two micro-batches read
+    every expert's weights twice per layer (measured: 0.47x instead of 0.66x of the single-process
+    engine at concurrency 32, benchmarks/results/cluster_vs_engine.md)."""
 
     def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, split_at: int = 4,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  resolvers: Sequence[Callable[[], str] | None] | None = None, tls: InternalTLS | None = None):
         """`resolvers[k]`, if given, waits for shard k to be back after a restart and returns its
         address: a step that finds it gone then raises `CacheLostError` (its KV cache went with it)
         and the engine re-prefills every running sequence."""
-        self.split_at = split_at
         self._loop = EventLoopThread("shard-chain")
         self._loop.run(self._connect(addresses, timeout_s, max_message_bytes, resolvers or [None] * len(addresses),
                                      tls))
@@ -148,31 +146,12 @@ class ShardChain:
         seqs = [attention_pb2.SequenceStep(request_id=s.request_id, slot=s.slot, start=start, q_len=q, sample=smp,
                                            sampling=sampling_to_pb(s.params))
                 for s, start, q, smp in zip(plan.seqs, plan.starts, plan.q_lens, plan.sample)]
-        cut = self._cut(plan.q_lens) if len(seqs) >= self.split_at else len(seqs)
-        tokens = sum(plan.q_lens[:cut])
-        parts = [(seqs[:cut], plan.token_ids[:tokens], released)]
-        if cut < len(seqs):
-            parts.append((seqs[cut:], plan.token_ids[tokens:], []))
-        outs = await asyncio.gather(*(self._chain(*part) for part in parts))
-        return [t for out in outs for t in out]  # sampled ids in the plan's order
-
-    @staticmethod
-    def _cut(q_lens: Sequence[int]) -> int:
-        """Where to split the sequences so the two micro-batches carry about equal tokens."""
-        half, total = sum(q_lens) / 2, 0
-        for i, q in enumerate(q_lens[:-1]):
-            total += q
-            if total >= half:
-                return i + 1
-        return len(q_lens) - 1
-
-    async def _chain(self, seqs: list, token_ids: Sequence[int], released: list[str]) -> list[int]:
         last = len(self.shards) - 1
         reply = None
         for k, shard in enumerate(self.shards):
             request = attention_pb2.StepRequest(seqs=seqs, released=released if k == last else [])
             if k == 0:
-                request.token_ids.extend(token_ids)
+                request.token_ids.extend(plan.token_ids)
             else:
                 request.hidden.CopyFrom(reply.hidden)
             reply = await shard(request)

@@ -74,9 +74,9 @@ async def start_internal_server(servicer, add_to_server: Callable[[object, grpc.
 
 class StreamExchange:
     """Request -> reply over long-lived bidirectional streams. A stream carries one message at a
-    time and is answered in order; up to `lanes` streams carry messages concurrently (the micro-batches
-    of a step). Streams open on first use and are dropped after any failure (a failed stream cannot be
-    trusted to be in step). `timeout_s` bounds each round trip."""
+    time and is answered in order; up to `lanes` streams carry the messages of concurrent callers.
+    Streams open on first use and are dropped after any failure (a failed stream cannot be trusted to
+    be in step). `timeout_s` bounds each round trip."""
 
     def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], peer: str, timeout_s: float,
                  lanes: int = 2):
