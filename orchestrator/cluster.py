@@ -96,21 +96,22 @@ class Cluster:
 
         return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
 
-    def metrics_targets(self) -> tuple[list[str], dict[tuple[int, int], bool]]:
-        """Every component's metrics address, and whether each expert group (group, replica) answered."""
-        targets, up = [], {}
+    def metrics_targets(self) -> tuple[list[str], dict[tuple[int, int], int | None]]:
+        """Every component's metrics address, and per expert group (group, replica) the process id that
+        answered (None: dead or restarting)."""
+        targets, pids = [], {}
         for kind, actors in (("groups", self.groups), ("routers", self.routers), ("shards", self.shards)):
             for k, actor in enumerate(actors):
                 try:
-                    address = ray.get(actor.info.remote(), timeout=5)["metrics"]
-                    ok = True
-                    if address:
-                        targets.append(address)
+                    info = ray.get(actor.info.remote(), timeout=5)
+                    pid = info["pid"]
+                    if info["metrics"]:
+                        targets.append(info["metrics"])
                 except Exception:  # noqa: BLE001 - dead or restarting: its series pause
-                    ok = False
+                    pid = None
                 if kind == "groups":
-                    up[self.plan.groups[k].group, self.plan.groups[k].replica] = ok
-        return targets, up
+                    pids[self.plan.groups[k].group, self.plan.groups[k].replica] = pid
+        return targets, pids
 
     def shutdown(self) -> None:
         """Kill every actor this cluster started (no restart)."""

@@ -109,9 +109,8 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
                           port: int) -> int:
     """One /metrics for the whole cluster: this process's metrics merged with every component's."""
     def targets() -> list[str]:
-        addresses, up = cluster.metrics_targets()
-        for (group, replica), ok in up.items():
-            metrics.group_up.labels(str(group), str(replica)).set(1 if ok else 0)
+        addresses, pids = cluster.metrics_targets()
+        metrics.observe_groups(pids)
         return addresses
 
     merged = CollectorRegistry()

@@ -91,7 +91,8 @@ class ExpertStream:
 
 class ExpertReplicas:
     """One expert group as the router sees it, served by one or more replicas (same experts, separate
-    processes). Each message goes to the healthy replica with the fewest messages in flight. One that
+    processes). Each message goes to the healthy replica with the fewest messages in flight, taking
+    turns among equals (one caller sending one message at a time still spreads its load). One that
     finds its replica gone (UNAVAILABLE) goes to another healthy replica at once, while the gone one is
     reconnected in the background after Ray restarts it; with no healthy replica left, the message
     waits for a restart, as a group without replicas does."""
@@ -101,6 +102,7 @@ class ExpertReplicas:
             raise ValueError("an expert group needs at least one replica")
         self.replicas, self.experts = list(replicas), replicas[0].experts
         self._in_flight = [0] * len(replicas)
+        self._turn = 0
         self._down: set[int] = set()
         self._revivals: set[asyncio.Task] = set()
 
@@ -109,7 +111,8 @@ class ExpertReplicas:
             healthy = [i for i in range(len(self.replicas)) if i not in self._down]
             if len(self.replicas) == 1 or not healthy:  # nothing to fail over to: wait for a restart
                 return await self.replicas[0].forward(layer, x, expert_ids)
-            i = min(healthy, key=self._in_flight.__getitem__)
+            self._turn = (self._turn + 1) % len(self.replicas)
+            i = min(healthy, key=lambda k: (self._in_flight[k], (k - self._turn) % len(self.replicas)))
             replica, stale = self.replicas[i], self.replicas[i].connection.channel
             self._in_flight[i] += 1
             try:

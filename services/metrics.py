@@ -116,6 +116,23 @@ class GatewayMetrics:
                              registry=registry)
         self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group (replica) answered the last "
                               "scrape", ["group", "replica"], registry=registry)
+        self.group_restarts = Counter("expertmesh_expert_group_restarts", "Expert group (replica) processes seen "
+                                      "replaced by a new one (a new process id at a scrape)", ["group", "replica"],
+                                      registry=registry)
+        self._group_pids: dict[tuple[str, str], int] = {}
+
+    def observe_groups(self, pids: dict[tuple[int, int], int | None]) -> None:
+        """Per (group, replica): its current process id, or None if it did not answer. Sets `group_up`
+        and counts a restart whenever a group answers from a process other than the one seen last."""
+        for (group, replica), pid in pids.items():
+            labels = (str(group), str(replica))
+            self.group_up.labels(*labels).set(0 if pid is None else 1)
+            restarts = self.group_restarts.labels(*labels)  # exported at 0 from the first scrape on
+            if pid is None:
+                continue
+            if self._group_pids.get(labels, pid) != pid:
+                restarts.inc()
+            self._group_pids[labels] = pid
 
 
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from prometheus_client import CollectorRegistry
+
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
@@ -19,6 +21,7 @@ from expertmesh.orchestrator.cluster import Cluster
 from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
+from expertmesh.services.metrics import GatewayMetrics
 from expertmesh.tokenizer import Tokenizer
 
 SLOTS, MAX_LEN = 4, 96
@@ -53,13 +56,19 @@ def test_component_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt, k
     tok = Tokenizer.from_checkpoint(tiny_ckpt)
     expected, _ = run(Engine.from_checkpoint(tiny_ckpt, max_batch_size=SLOTS, max_seq_len=MAX_LEN))
     cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 2, 2), RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
+    watch = GatewayMetrics(CollectorRegistry())  # what serve's /metrics reports about the groups
     try:
         victim = cluster.describe()[kind][index]["pid"]
+        watch.observe_groups(cluster.metrics_targets()[1])
         engine = Engine(cluster.runner(), tok, cfg, Scheduler(SLOTS, MAX_LEN))
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert got == expected  # every request complete, token for token
         assert cluster.describe()[kind][index]["pid"] != victim  # a new process serves it
         print(f"{kind}[{index}] killed -> next token: {pause:.2f} s")
+        watch.observe_groups(cluster.metrics_targets()[1])
+        restarts = {labels: watch.group_restarts.labels(*labels)._value.get() for labels in (("0", "0"), ("1", "0"))}
+        assert restarts == {("0", "0"): 0, ("1", "0"): 1 if kind == "groups" else 0}
+        assert all(watch.group_up.labels(g, "0")._value.get() == 1 for g in ("0", "1"))
     finally:
         cluster.shutdown()
 
