@@ -50,13 +50,13 @@ def main() -> None:
     tps = {True: [], False: []}
     for on in (True, False):
         measure(engines[on], make_requests(args.concurrency, args.prompt_len, 4))  # warm-up
-    for _ in range(args.rounds):
-        for on in (True, False):
+    for r in range(args.rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):  # who goes first alternates too
             tps[on].append(measure(engines[on], make_requests(args.concurrency, args.prompt_len,
                                                               args.new_tokens))["decode_tps"])
     with_m, without = statistics.median(tps[True]), statistics.median(tps[False])
     print(f"{args.shards} attention shards x {args.groups} expert groups, concurrency {args.concurrency}, "
-          f"{args.new_tokens} new tokens, median of {args.rounds} rounds (alternating)\n")
+          f"{args.new_tokens} new tokens, median of {args.rounds} rounds (alternating, and who goes first alternates)\n")
     print("| metrics | decode tok/s (each round) | median |")
     print("|---|---|---|")
     print(f"| on | {', '.join(f'{t:.1f}' for t in tps[True])} | {with_m:.1f} |")
