@@ -140,7 +140,8 @@ class CheckpointReader:
     """Reads named tensors from a checkpoint directory, strictly.
 
     Opening checks the file layout against the config: a tensor the config does not expect, or one it
-    expects that no file holds, is an error naming the tensor. `read()` checks shapes as it goes.
+    expects that no file holds, is an error naming the tensor. `read()` checks shapes as it goes;
+    `check()` checks every tensor's header up front, without reading any data.
     """
 
     def __init__(self, checkpoint_dir: str | os.PathLike, cfg: ModelConfig | None = None):
@@ -148,13 +149,39 @@ class CheckpointReader:
         self.config = cfg or ModelConfig.from_checkpoint(self.dir)
         self.file_of = self._locate_tensors()
         self._shapes = expected_shapes(self.config)
-        unknown = sorted(set(self.file_of) - set(self._shapes))
+        unknown = sorted(set(self.file_of) - set(self._shapes), key=_natural_key)
         if unknown:
-            raise CheckpointError(f"{self.dir}: unexpected tensor {unknown[0]!r} in {self.file_of[unknown[0]]} "
+            raise CheckpointError(f"{self.dir / self.file_of[unknown[0]]}: unexpected tensor {unknown[0]!r} "
                                   f"(not part of a model with this config.json; {len(unknown)} such tensors)")
-        missing = sorted(set(self._shapes) - set(self.file_of))
+        missing = sorted(set(self._shapes) - set(self.file_of), key=_natural_key)
         if missing:
-            raise CheckpointError(f"{self.dir}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+            listing = INDEX_FILE if (self.dir / INDEX_FILE).exists() else SINGLE_FILE
+            raise CheckpointError(f"{self.dir / listing}: missing tensor {missing[0]!r} "
+                                  f"({len(missing)} missing in all)")
+
+    def check(self) -> ModelConfig:
+        """Check every tensor's header against config.json, reading no tensor data; returns the config.
+
+        Each tensor must be in the file the index names, with the shape the config implies and a float
+        dtype. Opening a file makes safetensors check that the tensors' byte ranges tile it exactly, so
+        a truncated file fails here too. Cheap (one JSON header per file), so a damaged checkpoint can
+        fail before any process of the cluster starts to load it.
+        """
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.file_of.items():
+            by_file.setdefault(file, []).append(name)
+        for file in sorted(by_file):
+            path = self.dir / file
+            with _open(path) as f:
+                held = set(f.keys())
+                for name in sorted(by_file[file], key=_natural_key):
+                    if name not in held:
+                        raise CheckpointError(f"{path}: missing tensor {name!r} ({INDEX_FILE} places it in this file)")
+                    header = f.get_slice(name)
+                    self._check_shape(path, name, tuple(header.get_shape()))
+                    if not header.get_dtype().startswith(("F", "BF")):  # F64, F32, F16, BF16, F8_*
+                        raise CheckpointError(f"{path}: tensor {name!r} has non-float dtype {header.get_dtype()}")
+        return self.config
 
     def _locate_tensors(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
@@ -165,7 +192,9 @@ class CheckpointReader:
                 raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
             for file in sorted(set(weight_map.values())):
                 if not (self.dir / file).exists():
-                    raise CheckpointError(f"{index}: lists shard {file} which does not exist")
+                    held = sorted((n for n, f in weight_map.items() if f == file), key=_natural_key)
+                    raise CheckpointError(f"{index}: lists shard {file} which does not exist "
+                                          f"(for tensor {held[0]!r} and {len(held) - 1} more)")
             return dict(weight_map)
         single = self.dir / SINGLE_FILE
         if not single.exists():
@@ -195,12 +224,15 @@ class CheckpointReader:
             tensor = f.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types for damaged data
             raise CheckpointError(f"{path}: cannot read tensor {name!r}: {exc}") from None
-        if tuple(tensor.shape) != self._shapes[name]:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {self._shapes[name]}")
+        self._check_shape(path, name, tuple(tensor.shape))
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {name!r} has non-float dtype {tensor.dtype}")
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def _check_shape(self, path: Path, name: str, shape: tuple[int, ...]) -> None:
+        if shape != self._shapes[name]:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, "
+                                  f"config.json implies {self._shapes[name]}")
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the embedding table is stored in, taken as the checkpoint's dtype."""
@@ -220,7 +252,29 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise CheckpointError(_truncation(path) or f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _truncation(path: Path) -> str | None:
+    """Which tensors a file cut short lost, from its own header; None if that header is unreadable too.
+
+    Layout: an 8-byte little-endian header length, the JSON header (name -> dtype, shape and
+    `data_offsets` [start, end) relative to the data after it), then the data.
+    """
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+        ends = {name: t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):  # not even a header
+        return None
+    needed = 8 + length + max(ends.values(), default=0)
+    cut = sorted((name for name, end in ends.items() if 8 + length + end > size), key=lambda name: ends[name])
+    if not cut:
+        return None
+    return (f"{path}: truncated to {size} of {needed} bytes: tensor {cut[0]!r} and {len(cut) - 1} "
+            f"after it lie past the end")
 
 
 def write_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor],

@@ -155,6 +155,7 @@ def _internal_tls(args: argparse.Namespace) -> tuple[str, str, str] | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from expertmesh.orchestrator.cluster import ComponentStartError
     from expertmesh.orchestrator.serve import ServeOptions, serve
 
     if args.max_tokens_per_step < args.max_batch_size:
@@ -175,7 +176,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads, grace_s=args.grace, metrics_port=args.metrics_port, tls_cert=args.tls_cert,
         tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
-    return asyncio.run(serve(opts))
+    try:
+        return asyncio.run(serve(opts))
+    except ComponentStartError as exc:  # its message is the component's own error; Ray's traceback is noise
+        print(f"expertmesh serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:  # what a user got wrong: the message names the file or flag
         print(f"expertmesh: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,11 +5,16 @@ router per attention shard (it needs the groups' addresses), then the shards (ea
 Every component is restartable by Ray (`max_restarts`) and reloads its weights when restarted. Callers
 of expert groups and routers resend the message that found them gone; a restarted attention shard
 has lost its KV cache, so the engine re-prefills every running sequence (`CacheLostError`).
+
+A component whose constructor raises (a damaged checkpoint on its node, say) is not restarted: Ray
+restarts only processes that die, and reports the constructor's error to whoever waits on the actor.
+`start()` then kills whatever it started and raises `ComponentStartError` with that error's message.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -22,6 +27,28 @@ from expertmesh.presets import DTYPES
 from expertmesh.services.attention import ShardChain
 
 log = logging.getLogger(__name__)
+
+
+class ComponentStartError(RuntimeError):
+    """A component raised while starting (loading its weights, opening its server); the message is
+    which kind, on which node, and the component's own error without Ray's traceback around it."""
+
+
+def _start_error(exc: ray.exceptions.RayActorError, what: str) -> ComponentStartError:
+    """The error of an actor whose constructor raised (`exc.actor_init_failed`), told in one line.
+
+    Ray keeps only the text of a constructor's error: its first line names the node
+    ("ray::Cls.__init__() (pid=.., ip=..)"), a Python traceback follows, and the lines after the
+    traceback's last frame are the error itself ("module.Error: message").
+    """
+    lines = exc.error_msg.rstrip().splitlines()
+    frames = [k for k, line in enumerate(lines) if line.startswith("  File ")]
+    start = frames[-1] + 1 if frames else 1
+    error = "\n".join(line for line in lines[start:] if not line.startswith(" ")) or exc.error_msg
+    kind, sep, message = error.partition(": ")
+    error = f"{kind.rsplit('.', 1)[-1]}{sep}{message}"  # expertmesh.checkpoint.CheckpointError -> CheckpointError
+    node = re.search(r"\bip=([^,)\s]+)", lines[0])
+    return ComponentStartError(f"{what}{f' on {node.group(1)}' if node else ''} failed to start: {error}")
 
 
 def _actor(cls, plan: ComponentPlan, max_restarts: int = 0):
@@ -52,7 +79,7 @@ class Cluster:
         try:
             self.groups = [_actor(ExpertGroupComponent, g, self.restarts).remote(
                 self.checkpoint, g.experts, self.options, str(g.group), g.replica) for g in self.plan.groups]
-            group_addrs = ray.get([a.address.remote() for a in self.groups], timeout=self.start_timeout_s)
+            group_addrs = self._addresses(self.groups, "an expert group")
             members: list[list[Endpoint]] = [[] for _ in range(1 + max(g.group for g in self.plan.groups))]
             for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups):
                 members[g.group].append(Endpoint(addr, actor, g.experts))
@@ -64,17 +91,26 @@ class Cluster:
                 router_options = replace(self.options, device="cpu", dtype=self._wire_dtype())
                 self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0), self.restarts).remote(
                     self.checkpoint, s.layers, members, router_options) for s in self.plan.shards]
-                addrs = ray.get([a.address.remote() for a in self.routers], timeout=self.start_timeout_s)
+                addrs = self._addresses(self.routers, "a router")
                 router_addrs = [Endpoint(addr, actor) for addr, actor in zip(addrs, self.routers)]
             self.shards = [_actor(AttentionShardComponent, s, self.restarts).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
                 for k, (s, addr) in enumerate(zip(self.plan.shards, router_addrs))]
-            self.shard_addresses = ray.get([a.address.remote() for a in self.shards], timeout=self.start_timeout_s)
+            self.shard_addresses = self._addresses(self.shards, "an attention shard")
         except BaseException:
             self.shutdown()
             raise
         log.info("cluster up: %d attention shards, %d expert group actors", len(self.shards), len(self.groups))
         return self
+
+    def _addresses(self, actors: list, what: str) -> list[str]:
+        """Wait for `actors` to load and listen; their addresses, or the error of one that failed."""
+        try:
+            return ray.get([a.address.remote() for a in actors], timeout=self.start_timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            if not exc.actor_init_failed:  # the process died (a signal, out of memory): Ray's report says so
+                raise
+            raise _start_error(exc, what) from None
 
     def _wire_dtype(self) -> str:
         """The dtype hidden states travel in: the shards' compute dtype."""

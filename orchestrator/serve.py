@@ -1,7 +1,9 @@
 """`expertmesh serve`: bring the cluster up on Ray, put the gateway in front, serve until told to stop.
 
-Start-up: join or start Ray -> start the actors (each loads only its tensors) -> one warm-up step
-through the whole data path -> gateway listening, health SERVING. SIGTERM or Ctrl-C: health
+Start-up: check the checkpoint's headers and tokenizer -> join or start Ray -> start the actors (each
+loads only its tensors) -> one warm-up step through the whole data path -> gateway listening, health
+SERVING. A damaged checkpoint fails at the first step, before Ray; a component that fails to start
+fails start-up, with every actor started so far killed. SIGTERM or Ctrl-C: health
 NOT_SERVING, in-flight requests finish within the grace period (the rest get UNAVAILABLE), then every
 actor is killed and an embedded Ray is shut down, so nothing is left behind.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from expertmesh.checkpoint import CheckpointReader
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
@@ -85,9 +88,9 @@ def model_info(name: str, cfg: ModelConfig, max_len: int, cluster: Cluster) -> M
                      cfg.num_experts_per_tok, len(cluster.shards), placements)
 
 
-def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
-    """Actors up and one warm-up request through every component; blocking."""
-    cfg = ModelConfig.from_checkpoint(opts.model)
+def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer) -> tuple[Cluster, Engine]:
+    """Actors up and one warm-up request through every component; blocking. On failure nothing is
+    left running."""
     max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
     plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
@@ -96,11 +99,15 @@ def start_cluster(opts: ServeOptions) -> tuple[Cluster, Engine]:
                              internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
-    engine = Engine(cluster.runner(), Tokenizer.from_checkpoint(opts.model), cfg,
-                    Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=opts.max_tokens_per_step,
-                              max_waiting=opts.max_waiting))
-    warm = engine.generate([GenerationRequest(prompt_token_ids=(cfg.bos_token_id,),
-                                              params=SamplingParams(max_new_tokens=2, ignore_eos=True))])
+    try:
+        engine = Engine(cluster.runner(), tokenizer, cfg,
+                        Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=opts.max_tokens_per_step,
+                                  max_waiting=opts.max_waiting))
+        warm = engine.generate([GenerationRequest(prompt_token_ids=(cfg.bos_token_id,),
+                                                  params=SamplingParams(max_new_tokens=2, ignore_eos=True))])
+    except BaseException:
+        cluster.shutdown()
+        raise
     log.info("warm-up step done (%d tokens through every component)", len(warm[0].token_ids))
     return cluster, engine
 
@@ -119,14 +126,18 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
 
 
 async def serve(opts: ServeOptions) -> int:
-    # Certificates and token are checked before anything starts: a bad flag fails in a second, not after Ray.
+    # Certificates, token and checkpoint are checked before anything starts: a bad flag or a damaged
+    # file fails in a second, not after Ray or after the first components have loaded their weights.
     access = PublicAccess.load(opts.tls_cert, opts.tls_key, opts.auth_token, opts.auth_token_file)
     if opts.internal_tls:
         InternalTLS.load(*opts.internal_tls)  # every component loads them again on its node
+    # Every tensor's header (name, shape, dtype, bytes present); components check what they read again.
+    cfg = CheckpointReader(opts.model).check()
+    tokenizer = Tokenizer.from_checkpoint(opts.model)
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
-        cluster, engine = await asyncio.to_thread(start_cluster, opts)
+        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer)
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)
