@@ -159,10 +159,18 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        # Every check runs before the scheduler holds the sequence: one it held without text state
+        # would fail the first step that samples for it, and with it every request in that step.
+        try:
+            detok = self.tokenizer.detokenizer(ids)
+        except ValueError:  # only given ids can: encoded text never ends inside a character
+            raise ValueError("prompt_token_ids: end inside a multi-byte UTF-8 character (the bytes generated "
+                             "next would change the prompt's text)") from None
+        text = _TextState(detok, request.params.stop)
         seq = Sequence(request_id, ids, request.params)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
-        self._text[request_id] = _TextState(self.tokenizer.detokenizer(ids), request.params.stop)
+        self._text[request_id] = text
         return request_id
 
     def abort(self, request_id: str) -> None:

@@ -202,6 +202,8 @@ class EngineLoop:
     def _serve(self) -> None:
         while True:
             idle = not self.engine.scheduler.has_work() and self._stop_at is None
+            if idle:  # an abort or a failed step can empty the scheduler with no step after it to say so
+                self._observe_scheduler()
             for command in self._take(block=idle):
                 self._apply(command)
             if self._stop_at is not None and (not self.engine.scheduler.has_work()
@@ -280,10 +282,16 @@ class EngineLoop:
                 m.e2e.observe(now - arrival)
                 self._count("OK")
                 self._seen.pop(out.request_id, None)
+        self._observe_scheduler()
+
+    def _observe_scheduler(self) -> None:
+        """The scheduler gauges: after each step, and whenever the loop goes idle."""
+        if self.metrics is None:
+            return
         scheduler = self.engine.scheduler
-        m.waiting.set(len(scheduler.waiting))
-        m.running.set(len(scheduler.running))
-        m.kv_used.set(scheduler.cache_used_ratio())
+        self.metrics.waiting.set(len(scheduler.waiting))
+        self.metrics.running.set(len(scheduler.running))
+        self.metrics.kv_used.set(scheduler.cache_used_ratio())
 
     def _count(self, code: str) -> None:
         if self.metrics is not None:

@@ -24,6 +24,7 @@ def greedy(n, **kw):
     (dict(prompt="hi", prompt_token_ids=(1, 2)), "prompt"),
     (dict(prompt_token_ids=()), "prompt_token_ids"),
     (dict(prompt_token_ids=(1, 32000)), "prompt_token_ids"),
+    (dict(prompt_token_ids=(1, 243, 162)), "prompt_token_ids"),  # <0xF0> <0x9F>: half a character
     (dict(prompt_token_ids=(1,) * 64), "prompt"),
     (dict(prompt="hi", params=SamplingParams(max_new_tokens=0)), "max_new_tokens"),
     (dict(prompt="hi", params=SamplingParams(temperature=-0.5)), "temperature"),

@@ -20,11 +20,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 from expertmesh.services.gateway import SERVICE_NAME, ModelInfo, start_gateway
+from expertmesh.services.gateway_loop import EngineLoop
+from expertmesh.services.metrics import GatewayMetrics
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 SMOKE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "api_smoke.py"
@@ -243,6 +246,28 @@ def test_deadline_exceeded_frees_its_slot(slow):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(slow.engine, timeout_s=5.0)
     assert 0 < slow.engine.runner.steps - steps_before < 100
+
+
+def test_scheduler_gauges_read_idle_after_a_cancel(aio, tiny_ckpt):
+    """A cancel can empty the scheduler with no step after it; the gauges must say so all the same."""
+    registry, engine = CollectorRegistry(), slow_engine(tiny_ckpt)
+    gateway, port = aio.run(start_gateway(EngineLoop(engine, metrics=GatewayMetrics(registry)),
+                                          ModelInfo.local(engine, "tiny"), ready=True))
+    gauges = ("expertmesh_scheduler_running_requests", "expertmesh_scheduler_kv_cache_used_ratio")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = generate_pb2_grpc.GenerateServiceStub(channel).GenerateStream(generate_pb2.GenerateRequest(
+                prompt="A long story", sampling=greedy(100, ignore_eos=True)), timeout=30)
+            next(stream)
+            assert registry.get_sample_value(gauges[0]) == 1
+            stream.cancel()
+            assert wait_idle(engine)
+            deadline = time.monotonic() + 5
+            while any(registry.get_sample_value(g) for g in gauges) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert [registry.get_sample_value(g) for g in gauges] == [0, 0]
+    finally:
+        aio.run(gateway.stop(1.0))
 
 
 def test_burst_beyond_the_queue_is_resource_exhausted(slow):

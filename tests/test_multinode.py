@@ -5,15 +5,9 @@ answers with the single-process engine's tokens."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-
 import grpc
-import pytest
 from conftest import ATTENTION, EXPERT
-from test_serve import alive_components, wait_for_line, wait_serving
+from serving import alive_components, serve_process, wait_for_line, wait_serving
 
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.sampling import SamplingParams
@@ -22,13 +16,9 @@ from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 def test_serve_places_experts_and_attention_on_their_nodes(ray_cluster, tiny_ckpt):
     assert ray_cluster.attention_node != ray_cluster.expert_node
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", "0",
-           "--ray-address", ray_cluster.address, "--attention-resource", ATTENTION, "--expert-resource", EXPERT,
-           "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "2", "--max-seq-len", "64",
-           "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
+    with serve_process(tiny_ckpt, ray_cluster.address, "--attention-resource", ATTENTION, "--expert-resource",
+                       EXPERT, "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "2",
+                       "--max-seq-len", "64", "--threads", "1") as (proc, lines):
         address = wait_for_line(proc, lines, r"serving .* on (\S+:\d+)")
         wait_serving(address)
         stub = generate_pb2_grpc.GenerateServiceStub(grpc.insecure_channel(address))
@@ -49,15 +39,3 @@ def test_serve_places_experts_and_attention_on_their_nodes(ray_cluster, tiny_ckp
         expected = Engine.from_checkpoint(tiny_ckpt, max_batch_size=1, max_seq_len=64).generate(
             [GenerationRequest(prompt=prompt, params=params)])[0]
         assert list(reply.token_ids) == expected.token_ids and reply.text == expected.text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("serve did not exit within 60 s of SIGTERM")
-    assert code == 0, "".join(lines[-30:])
-    deadline = time.monotonic() + 30
-    while alive_components() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert alive_components() == [], "actors left behind after SIGTERM"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -17,56 +15,12 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.sampling import SamplingParams
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
+from serving import alive_components, scrape, serve_process, wait_for_line, wait_serving
 from test_monitoring import dashboard_queries
-
-
-def wait_for_line(proc: subprocess.Popen, lines: list[str], pattern: str, timeout_s: float = 180) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve exited with {proc.returncode}:\n" + "".join(lines[-30:]))
-            continue
-        lines.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"serve did not print {pattern!r} in time:\n" + "".join(lines[-30:]))
-
-
-def scrape(url: str) -> dict[str, list]:
-    """Metric families by name from a Prometheus text endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=30) as reply:
-        return {f.name: f.samples for f in text_string_to_metric_families(reply.read().decode())}
-
-
-def wait_serving(address: str, timeout_s: float = 60) -> None:
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
-                    health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("never SERVING")
-
-
-def alive_components() -> list:
-    from ray.util.state import list_actors
-
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
-            if a.class_name.endswith("Component")]
 
 
 def check_metrics(families: dict[str, list], prompt_len: int, generated: int, requests: int) -> None:
@@ -155,12 +109,8 @@ def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt, tmp_path)
     import ray
 
     gcs = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", "0",
-           "--ray-address", gcs, "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "4",
-           "--max-seq-len", "128", "--threads", "1", "--metrics-port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
+    with serve_process(tiny_ckpt, gcs, "--attention-shards", "2", "--expert-groups", "2", "--max-batch-size", "4",
+                       "--max-seq-len", "128", "--threads", "1", "--metrics-port", "0") as (proc, lines):
         metrics_url = wait_for_line(proc, lines, r"metrics on (http://\S+/metrics)")
         address = wait_for_line(proc, lines, r"serving .* on (\S+:\d+)")
         wait_serving(address)
@@ -184,15 +134,3 @@ def test_serve_subprocess_generate_and_sigterm(ray_cluster, tiny_ckpt, tmp_path)
         info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
         assert info.attention_shards == 2 and [list(g.experts) for g in info.expert_groups] == [[0, 1, 2, 3],
                                                                                                 [4, 5, 6, 7]]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail("serve did not exit within 60 s of SIGTERM")
-    assert code == 0, "".join(lines[-30:])
-    deadline = time.monotonic() + 30
-    while alive_components() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert alive_components() == [], "actors left behind after SIGTERM"

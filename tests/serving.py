@@ -1,0 +1,92 @@
+"""`expertmesh serve` as a subprocess, for the tests that run it as a user does: start it against the
+session's Ray cluster, read its output lines, wait for health, list its actors, scrape its metrics,
+and stop it with SIGTERM checking that it exits 0 and leaves no actor behind."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STOP_TIMEOUT_S = 60  # SIGTERM to exit: the grace period for in-flight requests, then actors removed
+ACTORS_GONE_TIMEOUT_S = 30  # exit to Ray's state API no longer listing the actors as alive
+
+
+def wait_for_line(proc: subprocess.Popen, lines: list[str], pattern: str, timeout_s: float = 180) -> str:
+    """Read the server's output (kept in `lines`) until a line matches `pattern`; its first group."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited with {proc.returncode}:\n" + "".join(lines[-30:]))
+            continue
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"serve did not print {pattern!r} in time:\n" + "".join(lines[-30:]))
+
+
+def scrape(url: str) -> dict[str, list]:
+    """Metric families by name from a Prometheus text endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return {f.name: f.samples for f in text_string_to_metric_families(reply.read().decode())}
+
+
+def wait_serving(address: str, timeout_s: float = 60) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("never SERVING")
+
+
+def alive_components() -> list:
+    """Ray's view of the live expertmesh actors (their classes end in "Component"): id, class, node, pid."""
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
+            if a.class_name.endswith("Component")]
+
+
+@contextlib.contextmanager
+def serve_process(model, ray_address: str, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+    """`expertmesh serve --model MODEL --port 0 --ray-address ADDRESS FLAGS...`: the process and the list
+    `wait_for_line` keeps its output in. On leaving, SIGTERM; it must exit within STOP_TIMEOUT_S, and,
+    when the body passed (a failure is not hidden behind these), with status 0 and no actor left."""
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(model), "--port", "0",
+           "--ray-address", ray_address, *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        yield proc, lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"serve did not exit within {STOP_TIMEOUT_S} s of SIGTERM")
+    assert code == 0, "".join(lines[-30:])
+    deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
+    while alive_components() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive_components() == [], "actors left behind after SIGTERM"
