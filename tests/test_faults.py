@@ -33,6 +33,13 @@ def reqs():
             for i, p in enumerate(["Experts are", "A dead expert", "costs a pause,", "not a request."])]
 
 
+def pid_of(actor) -> int:
+    """The actor's process, as Ray's state API reports it (what an operator would look up)."""
+    from ray.util.state import get_actor
+
+    return get_actor(actor._actor_id.hex(), timeout=30).pid
+
+
 def run(engine: Engine, kill=None) -> tuple[dict[str, list[int]], float | None]:
     tokens = {r.request_id: [] for r in reqs()}
     for r in reqs():
@@ -58,7 +65,8 @@ def test_component_killed_mid_generation_loses_nothing(ray_cluster, tiny_ckpt, k
     cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 2, 2), RuntimeOptions(threads=1), SLOTS, MAX_LEN).start()
     watch = GatewayMetrics(CollectorRegistry())  # what serve's /metrics reports about the groups
     try:
-        victim = cluster.describe()[kind][index]["pid"]
+        victim = pid_of(getattr(cluster, kind)[index])
+        assert victim == cluster.describe()[kind][index]["pid"]
         watch.observe_groups(cluster.metrics_targets()[1])
         engine = Engine(cluster.runner(), tok, cfg, Scheduler(SLOTS, MAX_LEN))
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
@@ -94,7 +102,7 @@ def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster,
         assert got == expected
         groups = cluster.describe()["groups"]
         assert all(forward_calls(g["metrics"]) > 0 for g in groups)  # every replica took messages
-        victim = groups[3]["pid"]  # group 1, replica 1
+        victim = pid_of(cluster.groups[3])  # group 1, replica 1
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert got == expected
         print(f"replica killed, no restart -> next token: {pause:.2f} s")
