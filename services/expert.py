@@ -39,22 +39,32 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     async def ForwardStream(self, request_iterator, context):
         async for request in request_iterator:
-            yield self.forward(request)
+            start = time.perf_counter()
+            reply, rows = self._forward(request)
+            elapsed = time.perf_counter() - start
+            yield reply
+            self._observe(elapsed, rows)  # once the reply is on its way: off the router's critical path
 
     async def Describe(self, request, context):
         return expert_pb2.DescribeExpertsResponse(experts=self.group.experts, layers=self.group.layers)
 
     def forward(self, request: expert_pb2.ExpertForwardRequest) -> expert_pb2.ExpertForwardResponse:
         start = time.perf_counter()
+        reply, rows = self._forward(request)
+        self._observe(time.perf_counter() - start, rows)
+        return reply
+
+    def _forward(self, request: expert_pb2.ExpertForwardRequest) -> tuple[expert_pb2.ExpertForwardResponse, int]:
         x = codec.decode(request.hidden, "hidden", self.dtype, (None, self.hidden_size), self.device)
         ids = codec.decode(request.expert_ids, "expert_ids", torch.int64, (x.shape[0],), self.device)
         with torch.inference_mode():
             y = self.group(request.layer, x, ids)
-        reply = expert_pb2.ExpertForwardResponse(hidden=codec.encode(y))
+        return expert_pb2.ExpertForwardResponse(hidden=codec.encode(y)), x.shape[0]
+
+    def _observe(self, seconds: float, rows: int) -> None:
         if self.metrics is not None:
-            self.metrics.forward.labels(*self.labels).observe(time.perf_counter() - start)
-            self.metrics.rows.labels(*self.labels).observe(x.shape[0])
-        return reply
+            self.metrics.forward.labels(*self.labels).observe(seconds)
+            self.metrics.rows.labels(*self.labels).observe(rows)
 
 
 async def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -72,6 +73,15 @@ async def start_internal_server(servicer, add_to_server: Callable[[object, grpc.
     return server, port
 
 
+if sys.version_info >= (3, 11):
+    async def _read_within(call: grpc.aio.StreamStreamCall, seconds: float):
+        async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
+            return await call.read()
+else:  # Python 3.10
+    async def _read_within(call: grpc.aio.StreamStreamCall, seconds: float):
+        return await asyncio.wait_for(call.read(), seconds)
+
+
 class StreamExchange:
     """Request -> reply over long-lived bidirectional streams. A stream carries one message at a
     time and is answered in order; up to `lanes` streams carry the messages of concurrent callers.
@@ -88,7 +98,7 @@ class StreamExchange:
         async with self._lanes:
             call = await self._write(request)
             try:
-                reply = await asyncio.wait_for(call.read(), self.timeout_s)
+                reply = await _read_within(call, self.timeout_s)
             except asyncio.TimeoutError:
                 call.cancel()
                 raise TimeoutError(f"{self.peer}: no reply within {self.timeout_s} s") from None

@@ -35,7 +35,10 @@ class RemoteRouter:
         with torch.inference_mode():
             plan, work = self.router.dispatch(layer, x)
         groups: list[ExpertStream] = self.router.groups
-        replies = iter(await asyncio.gather(*(g.forward(layer, *w) for g, w in zip(groups, work) if w)))
+        calls = asyncio.gather(*(g.forward(layer, *w) for g, w in zip(groups, work) if w))
+        await asyncio.sleep(0)  # the messages go out first; the bookkeeping runs while the groups compute
+        self.router.report(layer, plan)
+        replies = iter(await calls)
         with torch.inference_mode():
             return combine(plan, [next(replies) if w else None for w in work], x)
 

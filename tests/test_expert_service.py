@@ -25,9 +25,9 @@ class CountingServicer(ExpertServicer):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[int, int]] = []  # (layer, rows)
 
-    def forward(self, request):
+    def _forward(self, request):  # every message, unary or on the stream, goes through here
         self.calls.append((request.layer, request.hidden.shape[0]))
-        return super().forward(request)
+        return super()._forward(request)
 
 
 @pytest.fixture(scope="module")

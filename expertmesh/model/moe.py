@@ -152,14 +152,19 @@ class Router:
         self.group_of_expert = group_of_expert.to(next(iter(self.gates.values())).device)
 
     def dispatch(self, layer: int, x: torch.Tensor) -> tuple[Dispatch, list[tuple[torch.Tensor, torch.Tensor] | None]]:
-        """Route x: [T, D] of `layer`; per group, its rows and their expert ids (None: no rows)."""
+        """Route x: [T, D] of `layer`; per group, its rows and their expert ids (None: no rows).
+        The caller reports the decision (`report`) once the groups' work is on its way."""
         weights, experts = route(x, self.gates[layer], self.top_k)
-        if self.observe is not None:
-            self.observe(layer, experts, weights)
         plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
         return plan, [(x[plan.tokens[rows]], plan.experts[rows]) if rows.numel() else None for rows in plan.rows]
+
+    def report(self, layer: int, plan: Dispatch) -> None:
+        """Show one layer's routing decision to `observe`, if any."""
+        if self.observe is not None:
+            self.observe(layer, plan.experts.view(-1, self.top_k), plan.weights.view(-1, self.top_k))
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         plan, work = self.dispatch(layer, x)
         pending = [group.submit(layer, *w) if w else None for group, w in zip(self.groups, work)]  # all start first
+        self.report(layer, plan)
         return combine(plan, [p.result() if p else None for p in pending], x)
