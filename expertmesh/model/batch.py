@@ -4,7 +4,8 @@ A step holds B sequences with q_len[b] new tokens each (a whole prompt at prefil
 decode; both kinds share a step under continuous batching). Tokens travel flat, sequence-major,
 without padding: T = sum(q_len). Attention needs a padded [B, Qmax] view of the queries and a
 [B, Kmax] view of the cache; the index tensors for both are computed here once per step and shared
-by every layer.
+by every layer. The padded rows are in slot order, so that when the step's slots are 0..B-1 in any
+order (every slot busy, as under full load) the cache is sliced in place rather than gathered.
 
 Legend: B = sequences in the step, T = tokens in the step, Qmax = longest q_len, Kmax = longest
 cache length after the step.
@@ -20,8 +21,8 @@ import torch
 
 @dataclass(frozen=True)
 class StepBatch:
-    slots: torch.Tensor  # [B] KV-cache slot of each sequence
-    start: torch.Tensor  # [B] tokens already in the cache (position of the first new token)
+    slots: torch.Tensor  # [B] KV-cache slot of each padded row (ascending)
+    start: torch.Tensor  # [B] tokens already in the cache (position of the first new token), per sequence
     q_lens: list[int]  # [B] new tokens per sequence
     positions: torch.Tensor  # [T] absolute position of each token
     token_slots: torch.Tensor  # [T] slot of each token's sequence
@@ -29,8 +30,8 @@ class StepBatch:
     unpad_index: torch.Tensor  # [T] row of each token in the flattened [B * Qmax] padded view
     last_index: torch.Tensor  # [B] flat index of each sequence's last token
     kv_max: int  # Kmax
-    mask: torch.Tensor | None  # [B, 1, Qmax, Kmax] True = may attend; None = every query sees all Kmax keys
-    contiguous_slots: bool  # slots are exactly 0..B-1, so the cache can be sliced instead of gathered
+    mask: torch.Tensor | None  # [B, 1, Qmax, Kmax] per padded row, True = may attend; None = all Kmax keys
+    contiguous_slots: bool  # the rows' slots are exactly 0..B-1, so the cache can be sliced, not gathered
 
     @property
     def num_tokens(self) -> int:
@@ -53,24 +54,28 @@ class StepBatch:
         first_token = torch.cumsum(lens, 0) - lens  # [B] flat index of each sequence's first token
         offset_in_seq = torch.arange(int(lens.sum())) - first_token[seq_of_token]  # [T]
         positions = starts[seq_of_token] + offset_in_seq
+        # Padded row r holds sequence order[r]: rows ascend by slot.
+        order = torch.tensor(sorted(range(b), key=slots.__getitem__), dtype=torch.long)
+        row_of_seq = torch.empty_like(order)
+        row_of_seq[order] = torch.arange(b)
         q_idx = torch.arange(q_max)
-        valid = q_idx[None, :] < lens[:, None]  # [B, Qmax]
-        pad_index = torch.where(valid, first_token[:, None] + q_idx[None, :], 0)
-        unpad_index = seq_of_token * q_max + offset_in_seq
+        valid = q_idx[None, :] < lens[order, None]  # [B, Qmax]
+        pad_index = torch.where(valid, first_token[order, None] + q_idx[None, :], 0)
+        unpad_index = row_of_seq[seq_of_token] * q_max + offset_in_seq
         kv_lens = starts + lens
         kv_max = int(kv_lens.max())
         mask = None
         uniform = bool((kv_lens == kv_max).all()) and q_max == 1
         if not uniform or sliding_window is not None:
-            mask = _attention_mask(starts, lens, valid, kv_max, sliding_window)
+            mask = _attention_mask(starts[order], lens[order], valid, kv_max, sliding_window)
         slots_t = torch.tensor(slots, dtype=torch.long)
         return cls(
-            slots=slots_t.to(device), start=starts.to(device), q_lens=list(q_lens),
+            slots=slots_t[order].to(device), start=starts.to(device), q_lens=list(q_lens),
             positions=positions.to(device), token_slots=slots_t[seq_of_token].to(device),
             pad_index=pad_index.to(device), unpad_index=unpad_index.to(device),
             last_index=(first_token + lens - 1).to(device), kv_max=kv_max,
             mask=None if mask is None else mask.to(device),
-            contiguous_slots=list(slots) == list(range(b)),
+            contiguous_slots=sorted(slots) == list(range(b)),
         )
 
 
