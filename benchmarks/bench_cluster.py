@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cluster actor")
-    parser.add_argument("--attention-threads", type=int, nargs="+", default=[1],
-                        help="torch threads per attention shard; several: one cluster each, side by side")
+    parser.add_argument("--attention-threads", type=int, nargs="+", default=[None],
+                        help="torch threads of an attention shard for steps of 32+ tokens (default: --threads); "
+                             "several: one cluster each, side by side")
     parser.add_argument("--router", choices=["service", "inline"], nargs="+", default=["service", "inline"],
                         help="where each cluster's router runs; several: one cluster each, measured side by side")
     args = parser.parse_args()

@@ -33,7 +33,9 @@ class RuntimeOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on CUDA
     threads: int = 1  # torch CPU threads per component (see _setup)
-    attention_threads: int | None = None  # for attention shards, if not `threads`
+    # An attention shard's torch threads for steps of PARALLEL_STEP_TOKENS tokens or more (its layers
+    # run while every expert group waits); None: `threads`. Smaller steps always use `threads`.
+    attention_threads: int | None = None
     host: str | None = None  # where servers listen; None: this node's address as Ray knows it
     call_timeout_s: float = 30.0
     restart_timeout_s: float = 120.0  # how long a caller waits for a restarted expert group
@@ -53,13 +55,14 @@ class RuntimeOptions:
         return "cuda" if self.device == "cuda" else "cpu"  # Ray's CUDA_VISIBLE_DEVICES makes it our GPU
 
 
-def _setup(options: RuntimeOptions, threads: int | None = None) -> str:
+def _setup(options: RuntimeOptions) -> str:
     """Per-process settings; returns the host to listen on."""
     # One thread per component by default: the components of a step hand work to each other, and a
     # process whose OpenMP team spins after its part steals the cores the next one needs. Measured on
     # 2 cores, small preset, 2 shards x 4 groups: one thread each gave 110 ms per decode step at
     # concurrency 1, one per core 149 ms (and 0.57x vs 0.46x of the engine at concurrency 32).
-    torch.set_num_threads(threads or options.threads)
+    # Attention shards switch to more threads for large steps only (`AttentionServicer`).
+    torch.set_num_threads(options.threads)
     if options.host:
         return options.host
     try:
@@ -203,7 +206,7 @@ class AttentionShardComponent:
 
     def __init__(self, checkpoint: str, layers: tuple[int, ...], router: Endpoint | Groups, num_slots: int,
                  max_len: int, options: RuntimeOptions, name: str = "0"):
-        host = _setup(options, options.attention_threads)
+        host = _setup(options)
         reader = CheckpointReader(checkpoint)
         self.metrics = Metrics(host, options.metrics)
         stack = load_decoder_stack(reader, layers, None, num_slots, max_len, options.torch_dtype(reader),
@@ -221,7 +224,8 @@ class AttentionShardComponent:
             moe = remote_router(reader, stack.layers, router, options)
             metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
             moe = metrics.metered(moe) if metrics else moe
-        servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name)
+        servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name, threads=options.threads,
+                                     parallel_threads=options.attention_threads)
         return await serve_attention(servicer, f"{host}:0", tls=options.tls())
 
     def address(self) -> str:

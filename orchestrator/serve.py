@@ -58,6 +58,7 @@ class ServeOptions:
     max_tokens_per_step: int = 4096
     internal_tls: tuple[str, str, str] | None = None  # mutual TLS between components: CA, cert, key paths
     threads: int = 1
+    attention_threads: int | None = None  # for an attention shard's steps of 32+ tokens; None: `threads`
     metrics_port: int | None = None
     grace_s: float = 10.0
     # The public API's access control (see services/access.py): PEM files, and the token or its file.
@@ -95,8 +96,8 @@ def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer) ->
     plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
                         expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
-    runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads, host=None,
-                             internal_tls=opts.internal_tls)
+    runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads,
+                             attention_threads=opts.attention_threads, host=None, internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
     try:

@@ -205,3 +205,30 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
         component.loop.run(component.server.stop(grace=None))
         component.loop.close()
         torch.set_num_threads(threads)
+
+
+def test_attention_shard_takes_more_threads_for_large_steps_only(tiny_ckpt, loop):
+    """Its layers run while the expert groups wait: steps of PARALLEL_STEP_TOKENS tokens or more get
+    `parallel_threads`, smaller ones `threads` (as the MoE, called mid-step, sees them)."""
+    from expertmesh.services.attention import PARALLEL_STEP_TOKENS, AttentionServicer
+    from expertmesh.v1 import attention_pb2
+
+    stack = load_local_model(CheckpointReader(tiny_ckpt), 2, 64, torch.float32)
+    local_moe, seen = stack.moe, []
+
+    async def moe(layer, x):
+        seen.append((x.shape[0], torch.get_num_threads()))
+        return local_moe(layer, x)
+
+    threads = torch.get_num_threads()
+    servicer = AttentionServicer(stack, moe, threads=1, parallel_threads=2)
+    try:
+        for slot, q_len in ((0, PARALLEL_STEP_TOKENS), (1, 3), (0, 1), (1, PARALLEL_STEP_TOKENS + 5)):
+            start = 0 if q_len > 1 else PARALLEL_STEP_TOKENS
+            seq = attention_pb2.SequenceStep(request_id=str(slot), slot=slot, start=start, q_len=q_len, sample=True)
+            request = attention_pb2.StepRequest(seqs=[seq], token_ids=[5] * q_len)
+            assert len(loop.run(servicer.step(request)).next_token_ids) == 1
+    finally:
+        torch.set_num_threads(threads)
+    expected = {PARALLEL_STEP_TOKENS: 2, 3: 1, 1: 1, PARALLEL_STEP_TOKENS + 5: 2}
+    assert seen and all(n == expected[rows] for rows, n in seen), seen
