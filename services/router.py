@@ -36,9 +36,13 @@ class RemoteRouter:
             plan, work = self.router.dispatch(layer, x)
         groups: list[ExpertStream] = self.router.groups
         calls = asyncio.gather(*(g.forward(layer, *w) for g, w in zip(groups, work) if w))
-        await asyncio.sleep(0)  # the messages go out first; the bookkeeping runs while the groups compute
-        self.router.report(layer, plan)
-        replies = iter(await calls)
+        try:
+            await asyncio.sleep(0)  # the messages go out first; the bookkeeping runs while the groups compute
+            self.router.report(layer, plan)
+            replies = iter(await calls)
+        except BaseException:
+            calls.cancel()  # no message left in flight for a call that is over
+            raise
         with torch.inference_mode():
             return combine(plan, [next(replies) if w else None for w in work], x)
 
