@@ -232,3 +232,13 @@ def test_cluster_start_kills_what_it_started(ray_cluster, sharded_ckpt, tmp_path
         cluster.start()
     assert_none_left(alive_before)
     assert_not_retried(shard)
+
+
+def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt):
+    """Every running sequence decodes one token per step, so the budget must hold a full batch."""
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
+           "--max-batch-size", "8", "--max-tokens-per-step", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--max-tokens-per-step (4) must be at least --max-batch-size (8)" in done.stderr
+    assert "Traceback" not in done.stderr
