@@ -8,7 +8,9 @@ time from the last first-token to the end), time to first token (median), and p5
 latency; plus the bytes the cluster moves per generated token per layer.
 
     python benchmarks/bench_cluster.py --model DIR [--shards 2 --groups 4] [--concurrency 1 8 32]
-        [--router service inline]
+        [--router service inline] [--device cuda --dtype bfloat16]
+
+On CUDA every component asks Ray for an equal share of the machine's GPUs (the engine uses GPU 0).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.orchestrator.actors import RuntimeOptions
 from expertmesh.orchestrator.cluster import Cluster
 from expertmesh.orchestrator.placement import plan_cluster
-from expertmesh.presets import write_preset
+from expertmesh.presets import DTYPES, write_preset
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 
@@ -69,6 +71,8 @@ def main() -> None:
                              "several: one cluster each, side by side")
     parser.add_argument("--router", choices=["service", "inline"], nargs="+", default=["service", "inline"],
                         help="where each cluster's router runs; several: one cluster each, measured side by side")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
 
     import ray
@@ -77,21 +81,29 @@ def main() -> None:
     if not args.model:
         write_preset("small", model)
     slots, max_len = max(args.concurrency), args.prompt_len + args.new_tokens
-    local = Engine.from_checkpoint(model, max_batch_size=slots, max_seq_len=max_len)
+    local = Engine.from_checkpoint(model, dtype=DTYPES[args.dtype], device=args.device, max_batch_size=slots,
+                                   max_seq_len=max_len)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups)
+    share = None
+    if args.device == "cuda":  # Ray takes shares to 4 decimals: round down so that they all fit
+        components = (args.shards + args.groups) * len(args.router) * len(args.attention_threads)
+        share = min(1.0, int(1e4 * torch.cuda.device_count() / components) / 1e4)
+    plan = plan_cluster(local.cfg, attention_shards=args.shards, expert_groups=args.groups, device=args.device,
+                        gpus_per_shard=share, gpus_per_group=share)
     clusters = {}
     for r in args.router:
         for at in args.attention_threads:
             name = f"cluster, router {r}" + (f", {at} attention threads" if len(args.attention_threads) > 1 else "")
-            options = RuntimeOptions(threads=args.threads, attention_threads=at)
+            options = RuntimeOptions(device=args.device, dtype=args.dtype, threads=args.threads,
+                                     attention_threads=at)
             clusters[name] = Cluster(model, plan, options, slots, max_len, router=r).start()
     sides = {"engine": local, **{name: Engine(cl.runner(), local.tokenizer, local.cfg, Scheduler(slots, max_len))
                                  for name, cl in clusters.items()}}
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: {args.shards} attention shards x "
+    gpu = f", {torch.cuda.get_device_name()} (GPU share per component {share})" if args.device == "cuda" else ""
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores{gpu}; cluster: {args.shards} attention shards x "
           f"{args.groups} expert groups; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"greedy fp32, median of {args.rounds} rounds, sides interleaved in each round\n")
+          f"greedy {args.dtype}, median of {args.rounds} rounds, sides interleaved in each round\n")
     print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | vs engine |")
     print("|---|---|---|---|---|---|---|")
     for c in args.concurrency:
@@ -106,10 +118,11 @@ def main() -> None:
             ratio = f"{m['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side != "engine" else ""
             print(f"| {c} | {side} | {m['decode_tps']:.1f} | {m['ttft'] * 1e3:.0f} | {m['itl_p50'] * 1e3:.1f} | "
                   f"{m['itl_p99'] * 1e3:.1f} | {ratio} |", flush=True)
-    d, itemsize, k = local.cfg.hidden_size, 4, local.cfg.num_experts_per_tok
+    d, k = local.cfg.hidden_size, local.cfg.num_experts_per_tok
+    itemsize = DTYPES[args.dtype].itemsize
     # per token and layer: shard -> router (D), router -> groups (k rows), groups -> router (k), router -> shard (D)
     print(f"\nbytes per generated token per layer on the wire: {(2 + 2 * k) * d * itemsize} "
-          f"(hidden {d} x fp32; shard<->router 2 x D, router<->groups 2 x top-{k} x D), "
+          f"(hidden {d} x {args.dtype}; shard<->router 2 x D, router<->groups 2 x top-{k} x D), "
           f"plus {d * itemsize * 2 // local.cfg.num_hidden_layers} per layer amortised between shards")
     for cl in clusters.values():
         cl.shutdown()

@@ -1,11 +1,11 @@
 """Decode throughput: the single-process engine against transformers' `generate`, side by side.
 
-Both run greedy, in fp32, in this process, on the same checkpoint, with the same prompts (random ids,
-equal length so transformers needs no padding), alternating round by round so machine noise hits
-both alike. Decode time is measured the same way for both: time(N new tokens) - time(1 new token),
+Both run greedy, in this process, on the same checkpoint and device (fp32 on CPU by default), with the
+same prompts (random ids, equal length so transformers needs no padding), alternating round by round so
+machine noise hits both alike. Decode time is measured the same way for both: time(N new tokens) - time(1 new token),
 so prefill is excluded; decode tokens/s = batch * (N - 1) / decode time.
 
-    python benchmarks/bench_engine.py --model DIR [--batch 1 8 32] [--rounds 3]
+    python benchmarks/bench_engine.py --model DIR [--batch 1 8 32] [--rounds 3] [--device cuda --dtype bfloat16]
 
 Without --model it writes the `small` preset to a temporary directory first.
 """
@@ -21,7 +21,7 @@ import time
 import torch
 
 from expertmesh.engine import Engine, GenerationRequest
-from expertmesh.presets import write_preset
+from expertmesh.presets import DTYPES, write_preset
 from expertmesh.sampling import SamplingParams
 
 
@@ -44,10 +44,14 @@ def time_transformers(model, ids: list[list[int]], new_tokens: int) -> float:
 
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            eos_token_id=None, pad_token_id=0)
+    device = model.device
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(torch.tensor(ids), attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long),
+        out = model.generate(torch.tensor(ids, device=device),
+                             attention_mask=torch.ones(len(ids), len(ids[0]), dtype=torch.long, device=device),
                              generation_config=config)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == len(ids[0]) + new_tokens
     return elapsed
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     args = parser.parse_args()
 
     import transformers
@@ -67,11 +73,13 @@ def main() -> None:
     model_dir = args.model or tempfile.mkdtemp(prefix="expertmesh-small-")
     if not args.model:
         write_preset("small", model_dir)
-    engine = Engine.from_checkpoint(model_dir, max_batch_size=max(args.batch),
+    dtype = DTYPES[args.dtype]
+    engine = Engine.from_checkpoint(model_dir, dtype=dtype, device=args.device, max_batch_size=max(args.batch),
                                     max_seq_len=args.prompt_len + args.new_tokens)
-    hf = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy fp32, "
+    hf = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {where}")
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy {args.dtype}, "
           f"median of {args.rounds} rounds\n")
     print("| batch | expertmesh engine tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")

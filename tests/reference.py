@@ -18,7 +18,7 @@ def reference_greedy(model, prompt_ids: list[int], steps: int) -> tuple[list[int
     transformers = __import__("transformers")
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0,
                                            eos_token_id=None, pad_token_id=0, bos_token_id=1)
-    out = model.generate(torch.tensor([prompt_ids]), generation_config=config, output_logits=True,
+    out = model.generate(torch.tensor([prompt_ids], device=model.device), generation_config=config, output_logits=True,
                          return_dict_in_generate=True)
     tokens = out.sequences[0, len(prompt_ids):].tolist()
-    return tokens, torch.stack([step[0].float() for step in out.logits])
+    return tokens, torch.stack([step[0].float() for step in out.logits]).cpu()

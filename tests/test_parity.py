@@ -33,15 +33,16 @@ def make_prompts(lengths, seed=0, vocab=32000):
 def our_greedy(stack, prompts, steps, slots=None):
     """Prefill all prompts in one step, then decode them together; sequences sit at different positions."""
     slots = list(range(len(prompts))) if slots is None else slots
-    batch = StepBatch.build(slots, [0] * len(prompts), [len(p) for p in prompts], stack.cfg.sliding_window)
-    logits = [stack.forward(batch, torch.tensor(sum(prompts, [])))]  # [B, V]
+    window, device = stack.cfg.sliding_window, stack.device
+    batch = StepBatch.build(slots, [0] * len(prompts), [len(p) for p in prompts], window, device)
+    logits = [stack.forward(batch, torch.tensor(sum(prompts, []), device=device))]  # [B, V]
     tokens = [logits[-1].argmax(-1)]
     for step in range(1, steps):
         starts = [len(p) + step - 1 for p in prompts]
-        batch = StepBatch.build(slots, starts, [1] * len(prompts), stack.cfg.sliding_window)
+        batch = StepBatch.build(slots, starts, [1] * len(prompts), window, device)
         logits.append(stack.forward(batch, tokens[-1]))
         tokens.append(logits[-1].argmax(-1))
-    return torch.stack(tokens, 1).tolist(), torch.stack(logits, 1)  # [B, steps], [B, steps, V]
+    return torch.stack(tokens, 1).tolist(), torch.stack(logits, 1).cpu()  # [B, steps], [B, steps, V]
 
 
 @pytest.mark.parametrize("ckpt_name", ["tiny_ckpt", "sharded_ckpt", "hf_ckpt"])
