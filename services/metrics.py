@@ -65,11 +65,11 @@ class RouterMetrics:
         return moe
 
     def observe_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        """experts, weights: [T, A] of one layer's step."""
-        flat = experts.reshape(-1)
+        """experts, weights: [T, A] of one layer's step, on the router's device."""
+        flat = experts.reshape(-1).cpu()
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         mass = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(
-            0, flat, weights.reshape(-1).double()).tolist()
+            0, flat, weights.reshape(-1).cpu().double()).tolist()
         for e, n in enumerate(counts):
             if n:
                 self.tokens.labels(layer, e).inc(n)
