@@ -104,8 +104,10 @@ class ExpertReplicas:
     processes). Each message goes to the healthy replica with the fewest messages in flight, taking
     turns among equals (one caller sending one message at a time still spreads its load). One that
     finds its replica gone (UNAVAILABLE) goes to another healthy replica at once, while the gone one is
-    reconnected in the background after Ray restarts it; with no healthy replica left, the message
-    waits for a restart, as a group without replicas does."""
+    reconnected in the background after Ray restarts it. With no healthy replica left, the message
+    waits for the first replica to come back, whichever it is; a replica that cannot come back (its
+    restarts used up, its node lost) is given up, and once every replica is given up the message fails.
+    A group without replicas waits for its restart in `Connection`."""
 
     def __init__(self, replicas: list[ExpertStream]):
         if not replicas:
@@ -113,14 +115,19 @@ class ExpertReplicas:
         self.replicas, self.experts = list(replicas), replicas[0].experts
         self._in_flight = [0] * len(replicas)
         self._turn = 0
-        self._down: set[int] = set()
+        self._down: set[int] = set()  # gone, and being reconnected
+        self._lost: set[int] = set()  # gone for good: reconnecting failed
+        self._changed = asyncio.Event()  # a reconnection ended, either way
         self._revivals: set[asyncio.Task] = set()
 
     async def forward(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if len(self.replicas) == 1:
+            return await self.replicas[0].forward(layer, x, expert_ids)
         while True:
-            healthy = [i for i in range(len(self.replicas)) if i not in self._down]
-            if len(self.replicas) == 1 or not healthy:  # nothing to fail over to: wait for a restart
-                return await self.replicas[0].forward(layer, x, expert_ids)
+            healthy = [i for i in range(len(self.replicas)) if i not in self._down and i not in self._lost]
+            if not healthy:
+                await self._wait_for_a_replica()
+                continue
             self._turn = (self._turn + 1) % len(self.replicas)
             i = min(healthy, key=lambda k: (self._in_flight[k], (k - self._turn) % len(self.replicas)))
             replica, stale = self.replicas[i], self.replicas[i].connection.channel
@@ -135,6 +142,15 @@ class ExpertReplicas:
             finally:
                 self._in_flight[i] -= 1
 
+    async def _wait_for_a_replica(self) -> None:
+        """Until a reconnection ends (each is bounded by the restart timeout); raise if every replica
+        is lost."""
+        if len(self._lost) == len(self.replicas):
+            raise ConnectionError(f"expert group {list(self.experts)}: every replica is gone and none could be "
+                                  "restarted")
+        self._changed.clear()
+        await self._changed.wait()
+
     def _mark_down(self, i: int, stale) -> None:
         if i in self._down:
             return
@@ -143,9 +159,12 @@ class ExpertReplicas:
         async def revive():
             try:
                 await self.replicas[i].connection.reconnect(stale)
-                self._down.discard(i)
-            except Exception:  # noqa: BLE001 - it stays down; messages use the others
+            except Exception:  # noqa: BLE001 - given up; messages use the others
                 log.exception("replica %d of experts %s did not come back", i, self.experts)
+                self._lost.add(i)
+            finally:
+                self._down.discard(i)
+                self._changed.set()
 
         task = asyncio.get_running_loop().create_task(revive())
         self._revivals.add(task)

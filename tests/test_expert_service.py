@@ -6,6 +6,8 @@ decoder stacks here call them synchronously through `on_loop`."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -14,7 +16,7 @@ from expertmesh.checkpoint import CheckpointReader
 from expertmesh.checkpoint import split_range
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_local_model
 from expertmesh.services import codec
-from expertmesh.services.expert import ExpertServicer, ExpertStream, serve_experts
+from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
 from expertmesh.services.internal import EventLoopThread
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 from test_parity import make_prompts, our_greedy
@@ -232,3 +234,49 @@ def test_attention_shard_takes_more_threads_for_large_steps_only(tiny_ckpt, loop
         torch.set_num_threads(threads)
     expected = {PARALLEL_STEP_TOKENS: 2, 3: 1, 1: 1, PARALLEL_STEP_TOKENS + 5: 2}
     assert seen and all(n == expected[rows] for rows, n in seen), seen
+
+
+def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_ckpt, loop):
+    """Both replicas of a group die. Replica 0 cannot come back (its restarts are used up); replica 1
+    does, at a new address, a moment later: the message waits for it and is answered. Once neither can
+    come back, the message fails at once instead of waiting."""
+    reader = CheckpointReader(tiny_ckpt)
+    experts, hidden = (0, 1, 2, 3), reader.config.hidden_size
+    group = load_expert_group(reader, experts, torch.float32)
+
+    def start() -> tuple[grpc.aio.Server, int]:
+        return loop.run(serve_experts(ExpertServicer(group, hidden, torch.float32)))
+
+    servers = [start(), start()]
+    restarts = []
+
+    def restart_cannot() -> str:
+        raise RuntimeError("the actor died and will not be restarted")
+
+    def restart_once() -> str:  # called off the loop, as a resolver asking Ray is
+        if restarts:
+            restart_cannot()
+        time.sleep(0.5)
+        restarts.append(start())
+        return f"127.0.0.1:{restarts[-1][1]}"
+
+    async def build():
+        return ExpertReplicas([ExpertStream(f"127.0.0.1:{servers[0][1]}", experts, 10, resolve=restart_cannot),
+                               ExpertStream(f"127.0.0.1:{servers[1][1]}", experts, 10, resolve=restart_once)])
+
+    replicas = loop.run(build())
+    x, ids = torch.randn(3, hidden), torch.tensor([0, 1, 3])
+    expected = group(0, x, ids)
+    try:
+        assert torch.equal(loop.run(replicas.forward(0, x, ids), timeout_s=30), expected)
+        for server, _ in servers:
+            loop.run(server.stop(grace=None))
+        assert torch.equal(loop.run(replicas.forward(0, x, ids), timeout_s=30), expected)
+        assert len(restarts) == 1
+        loop.run(restarts[0][0].stop(grace=None))
+        with pytest.raises(ConnectionError, match="every replica is gone"):
+            loop.run(replicas.forward(0, x, ids), timeout_s=30)
+    finally:
+        loop.run(replicas.close())
+        for server, _ in restarts:
+            loop.run(server.stop(grace=None))
