@@ -21,6 +21,7 @@ import hmac
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,9 +113,10 @@ class PublicAccess:
         auth = "bearer token required (health checks open)" if self.token else "no authentication"
         return f"TLS {'on' if self.tls else 'off'}, {auth}"
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """To put first in the server's interceptor list, so a denied call reaches nothing else."""
-        return [BearerTokenInterceptor(self.token)] if self.token else []
+    def interceptors(self, on_denied: Callable[[str], None] | None = None) -> list[grpc.aio.ServerInterceptor]:
+        """To put first in the server's interceptor list, so a denied call reaches nothing else.
+        `on_denied(reason)` sees every denied call (`DENIED_REASONS`)."""
+        return [BearerTokenInterceptor(self.token, on_denied)] if self.token else []
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """Bind `address` with TLS when configured; returns the bound port."""
@@ -128,11 +130,17 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through only with `authorization: Bearer <token>`; health methods are always open."""
+DENIED_REASONS = ("missing", "malformed", "invalid")
+"""Why a call was denied: no authorization metadata, metadata that is not 'Bearer <token>', another token."""
 
-    def __init__(self, token: str):
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through only with `authorization: Bearer <token>`; health methods are always open.
+    `on_denied(reason)`, if given, is told of every denied call (the metrics hook)."""
+
+    def __init__(self, token: str, on_denied: Callable[[str], None] | None = None):
         self._digest = _digest(token)
+        self._on_denied = on_denied
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -140,18 +148,23 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_METHOD_PREFIX):
             return handler
         problem = self._problem(handler_call_details.invocation_metadata or ())
-        return handler if problem is None else _denied(handler, method, problem)
+        if problem is None:
+            return handler
+        if self._on_denied is not None:
+            self._on_denied(problem[0])
+        return _denied(handler, method, problem[1])
 
-    def _problem(self, metadata) -> str | None:
-        """Why the call's metadata is not the token, or None when it is."""
+    def _problem(self, metadata) -> tuple[str, str] | None:
+        """Why the call's metadata is not the token (a `DENIED_REASONS` entry and the message for the
+        caller), or None when it is."""
         values = [value for key, value in metadata if key == AUTHORIZATION]
         if not values:
-            return "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            return "missing", "missing bearer token: send metadata 'authorization: Bearer <token>'"
         scheme, _, token = str(values[0]).partition(" ")
         if scheme.lower() != "bearer":
-            return "authorization metadata must be 'Bearer <token>'"
+            return "malformed", "authorization metadata must be 'Bearer <token>'"
         if not hmac.compare_digest(_digest(token.strip()), self._digest):
-            return "invalid bearer token"
+            return "invalid", "invalid bearer token"
         return None
 
 

@@ -166,7 +166,10 @@ async def start_gateway(engine_loop_or_engine: EngineLoop | Engine, model_info: 
     if isinstance(engine_loop, Engine):
         engine_loop = EngineLoop(engine_loop)
     engine_loop.start()
-    server = grpc.aio.server(interceptors=[*access.interceptors(), ErrorMappingInterceptor((SERVICE_NAME,), status_of)],
+    metrics = engine_loop.metrics
+    on_denied = (lambda reason: metrics.denied.labels(reason).inc()) if metrics is not None else None
+    interceptors = [*access.interceptors(on_denied), ErrorMappingInterceptor((SERVICE_NAME,), status_of)]
+    server = grpc.aio.server(interceptors=interceptors,
                              options=[("grpc.max_send_message_length", max_message_bytes),
                                       ("grpc.max_receive_message_length", max_message_bytes)])
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(engine_loop, model_info), server)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from expertmesh.services.access import DENIED_REASONS
 
 if TYPE_CHECKING:
     from expertmesh.services.router import AsyncMoE, RemoteRouter
@@ -96,6 +97,11 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.requests = Counter("expertmesh_gateway_requests_total", "Finished requests by gRPC status code",
                                 ["code"], registry=registry)
+        self.denied = Counter("expertmesh_gateway_denied_calls_total", "Calls ended UNAUTHENTICATED before "
+                              "reaching the API: bearer token missing, malformed or invalid", ["reason"],
+                              registry=registry)
+        for reason in DENIED_REASONS:  # every series exists from the start, so a rate over it is 0, not absent
+            self.denied.labels(reason)
         self.ttft = Histogram("expertmesh_gateway_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=_LATENCY_BUCKETS, registry=registry)
         self.itl = Histogram("expertmesh_gateway_inter_token_latency_seconds", "Between consecutive outputs",

@@ -23,10 +23,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from expertmesh.engine import Engine
-from expertmesh.services.access import PublicAccess
+from expertmesh.services.access import DENIED_REASONS, PublicAccess
 from expertmesh.services.gateway import SERVICE_NAME, ModelInfo, start_gateway
+from expertmesh.services.gateway_loop import EngineLoop
+from expertmesh.services.metrics import GatewayMetrics
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 from certs import issue, make_ca, openssl, require_openssl
 from test_gateway import AioThread
@@ -57,8 +60,9 @@ class Secured:
 
     def __init__(self, aio: AioThread, engine: Engine, access: PublicAccess, ca: bytes):
         self.aio, self.engine, self.ca, self.token = aio, engine, ca, access.token
-        self.gateway, port = aio.run(start_gateway(engine, ModelInfo.local(engine, "tiny"), ready=True,
-                                                   access=access))
+        self.metrics = GatewayMetrics(CollectorRegistry())
+        self.gateway, port = aio.run(start_gateway(EngineLoop(engine, metrics=self.metrics),
+                                                   ModelInfo.local(engine, "tiny"), ready=True, access=access))
         self.address = f"127.0.0.1:{port}"
         self.metadata = [("authorization", f"Bearer {self.token}")]  # what an authorised call sends
 
@@ -130,30 +134,39 @@ def _calls(stub):
     }
 
 
-# Given the right token: the metadata a call sends, and what the error must say.
+# Given the right token: the metadata a call sends, what the error must say, and the metric's reason.
 BAD_METADATA = {
-    "no metadata": (lambda token: None, "missing bearer token"),
-    "other metadata only": (lambda token: [("x-api-key", token)], "missing bearer token"),
-    "wrong token": (lambda token: [("authorization", "Bearer not-the-token")], "invalid bearer token"),
-    "token with a suffix": (lambda token: [("authorization", f"Bearer {token}x")], "invalid bearer token"),
-    "token without the scheme": (lambda token: [("authorization", token)], "must be 'Bearer <token>'"),
-    "basic scheme": (lambda token: [("authorization", f"Basic {token}")], "must be 'Bearer <token>'"),
+    "no metadata": (lambda token: None, "missing bearer token", "missing"),
+    "other metadata only": (lambda token: [("x-api-key", token)], "missing bearer token", "missing"),
+    "wrong token": (lambda token: [("authorization", "Bearer not-the-token")], "invalid bearer token", "invalid"),
+    "token with a suffix": (lambda token: [("authorization", f"Bearer {token}x")], "invalid bearer token",
+                            "invalid"),
+    "token without the scheme": (lambda token: [("authorization", token)], "must be 'Bearer <token>'", "malformed"),
+    "basic scheme": (lambda token: [("authorization", f"Basic {token}")], "must be 'Bearer <token>'", "malformed"),
 }
+
+
+def denied_counts(metrics: GatewayMetrics) -> dict[str, float]:
+    return {reason: metrics.denied.labels(reason)._value.get() for reason in DENIED_REASONS}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_METADATA))
 def test_missing_or_wrong_token_is_unauthenticated(secured, case, caplog):
-    make_metadata, message = BAD_METADATA[case]
+    make_metadata, message, reason = BAD_METADATA[case]
     token = secured.token
     metadata = make_metadata(token)
     caplog.set_level(logging.INFO, logger="expertmesh.services.access")
+    before = denied_counts(secured.metrics)
     with secured.channel() as channel:
-        for method, call in _calls(generate_pb2_grpc.GenerateServiceStub(channel)).items():
+        calls = _calls(generate_pb2_grpc.GenerateServiceStub(channel))
+        for method, call in calls.items():
             with pytest.raises(grpc.RpcError) as err:
                 call(metadata)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
             assert message in err.value.details() and token not in err.value.details()
         assert len(generate(channel, secured.metadata).token_ids) == 8  # still serving
+    # every denied call is counted under its reason (an authorised one is not)
+    assert denied_counts(secured.metrics) == {**before, reason: before[reason] + len(calls)}
     assert f"denied /{SERVICE_NAME}/Generate" in caplog.text
     assert token not in caplog.text
 
