@@ -69,14 +69,22 @@ class StepBatch:
         if not uniform or sliding_window is not None:
             mask = _attention_mask(starts[order], lens[order], valid, kv_max, sliding_window)
         slots_t = torch.tensor(slots, dtype=torch.long)
+        index = _to_device([slots_t[order], starts, positions, slots_t[seq_of_token], pad_index, unpad_index,
+                            first_token + lens - 1], device)
         return cls(
-            slots=slots_t[order].to(device), start=starts.to(device), q_lens=list(q_lens),
-            positions=positions.to(device), token_slots=slots_t[seq_of_token].to(device),
-            pad_index=pad_index.to(device), unpad_index=unpad_index.to(device),
-            last_index=(first_token + lens - 1).to(device), kv_max=kv_max,
+            slots=index[0], start=index[1], q_lens=list(q_lens), positions=index[2], token_slots=index[3],
+            pad_index=index[4], unpad_index=index[5], last_index=index[6], kv_max=kv_max,
             mask=None if mask is None else mask.to(device),
             contiguous_slots=sorted(slots) == list(range(b)),
         )
+
+
+def _to_device(tensors: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor]:
+    """Same-dtype tensors moved in one copy (on a GPU, one transfer per step instead of one each)."""
+    if torch.device(device).type == "cpu":
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
+    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _attention_mask(starts: torch.Tensor, lens: torch.Tensor, valid: torch.Tensor, kv_max: int,

@@ -78,8 +78,11 @@ def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert:
     tokens = torch.arange(t, device=experts.device).repeat_interleave(a)  # [T*A]
     # Sort by expert, stable so rows of one expert keep token order (as the reference does).
     order = torch.sort(flat_experts, stable=True).indices
-    groups_sorted = group_of_expert[flat_experts[order]]
-    rows = [order[groups_sorted == g] for g in range(num_groups)]
+    if num_groups == 1:  # every row: no mask, and on a GPU no wait for its size
+        rows = [order]
+    else:
+        groups_sorted = group_of_expert[flat_experts[order]]
+        rows = [order[groups_sorted == g] for g in range(num_groups)]
     return Dispatch(rows=rows, tokens=tokens, experts=flat_experts, weights=weights.reshape(-1))
 
 
@@ -121,7 +124,8 @@ class ExpertGroup:
         if layer not in self.w13:
             raise ValueError(f"layer: {layer} is not served by this expert group")
         out = torch.empty_like(x)
-        ids, counts = torch.unique_consecutive(expert_ids, return_counts=True)
+        # The runs of equal ids, on the host: one copy from a GPU instead of a wait per value read.
+        ids, counts = torch.unique_consecutive(expert_ids.cpu(), return_counts=True)
         begin = 0
         for expert, count in zip(ids.tolist(), counts.tolist()):
             if expert not in self._local:
