@@ -22,7 +22,7 @@ import ray
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, Endpoint,
                                             RouterComponent, RuntimeOptions)
-from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan
+from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan, shortfall
 from expertmesh.presets import DTYPES
 from expertmesh.services.attention import ShardChain
 
@@ -111,6 +111,11 @@ class Cluster:
             if not exc.actor_init_failed:  # the process died (a signal, out of memory): Ray's report says so
                 raise
             raise _start_error(exc, what) from None
+        except ray.exceptions.GetTimeoutError:
+            why = shortfall(self.plan, ray.cluster_resources()) or (
+                "still loading its weights, or no single node has everything it asks for "
+                f"(GPU, CPU, node-pool resource); Ray's resources in all: {ray.cluster_resources()}")
+            raise ComponentStartError(f"{what} was not up within {self.start_timeout_s:g} s: {why}") from None
 
     def _wire_dtype(self) -> str:
         """The dtype hidden states travel in: the shards' compute dtype."""

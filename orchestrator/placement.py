@@ -69,3 +69,31 @@ def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int
         for g, experts in enumerate(split_range(cfg.num_local_experts, expert_groups, "expert_groups"))
         for r in range(expert_replicas))
     return ClusterPlan(shards, groups)
+
+
+def demand(plan: ClusterPlan) -> dict[str, float]:
+    """What the plan's actors ask Ray for, in all, by resource ("GPU", "CPU", custom). Routers ask for
+    nothing and are not counted."""
+    total: dict[str, float] = {}
+    for c in (*plan.shards, *plan.groups):
+        for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items()):
+            if amount:
+                total[name] = total.get(name, 0.0) + amount
+    return total
+
+
+_FLAGS = {"GPU": "--gpus-per-shard and --gpus-per-group (fractions share a GPU)",
+          "CPU": "the CPUs each component reserves"}
+
+
+def shortfall(plan: ClusterPlan, available: dict[str, float]) -> str | None:
+    """Why a cluster with `available` resources in all (`ray.cluster_resources()`) can never place
+    every actor of `plan`, naming the flags that set each demand; None if the totals suffice."""
+    short = [(name, need, available.get(name, 0.0)) for name, need in sorted(demand(plan).items())
+             if need > available.get(name, 0.0) + 1e-6]
+    if not short:
+        return None
+    parts = [f"{name} {need:g} (the cluster has {have:g}; set by "
+             f"{_FLAGS.get(name, '--attention-resource / --expert-resource, a resource no node advertises')})"
+             for name, need, have in short]
+    return "Ray cannot place every component: they ask for " + "; ".join(parts)

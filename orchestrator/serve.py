@@ -24,7 +24,7 @@ from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
 from expertmesh.orchestrator.cluster import Cluster
-from expertmesh.orchestrator.placement import plan_cluster
+from expertmesh.orchestrator.placement import plan_cluster, shortfall
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 from expertmesh.services.access import InternalTLS, PublicAccess
@@ -89,13 +89,23 @@ def model_info(name: str, cfg: ModelConfig, max_len: int, cluster: Cluster) -> M
                      cfg.num_experts_per_tok, len(cluster.shards), placements)
 
 
-def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer) -> tuple[Cluster, Engine]:
+def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer,
+                  fixed_size: bool = False) -> tuple[Cluster, Engine]:
     """Actors up and one warm-up request through every component; blocking. On failure nothing is
-    left running."""
+    left running. `fixed_size` (an embedded Ray: no autoscaler will add nodes): a plan that asks for
+    more than the cluster has fails at once (ValueError naming the flags) instead of at the start
+    timeout."""
     max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
     plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
                         opts.gpus_per_group, attention_resource=opts.attention_resource,
                         expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
+    import ray
+
+    problem = shortfall(plan, ray.cluster_resources())
+    if problem and fixed_size:
+        raise ValueError(problem)
+    if problem:  # an autoscaler may still add the nodes
+        log.warning("%s; waiting for the cluster to grow", problem)
     runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads,
                              attention_threads=opts.attention_threads, host=None, internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
@@ -138,7 +148,7 @@ async def serve(opts: ServeOptions) -> int:
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
-        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer)
+        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer, embedded)
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from expertmesh.orchestrator.placement import plan_cluster
+from expertmesh.orchestrator.placement import demand, plan_cluster, shortfall
 from expertmesh.model.config import ModelConfig
 
 MIXTRAL = ModelConfig()  # the defaults are Mixtral 8x7B: 32 layers, 8 experts
@@ -32,3 +32,14 @@ def test_cuda_asks_for_gpu_shares_and_node_pools():
 def test_bad_plans_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         plan_cluster(MIXTRAL, **kwargs)
+
+
+def test_demand_and_what_a_cluster_cannot_place():
+    plan = plan_cluster(MIXTRAL, 2, 4, device="cuda", gpus_per_shard=0.5, expert_resource="expert")
+    assert demand(plan) == {"GPU": 5.0, "expert": 0.004}
+    assert shortfall(plan, {"GPU": 8.0, "CPU": 2.0, "expert": 1.0}) is None
+    problem = shortfall(plan, {"GPU": 1.0, "CPU": 16.0})
+    assert problem.startswith("Ray cannot place every component")
+    assert "GPU 5 (the cluster has 1; set by --gpus-per-shard and --gpus-per-group" in problem
+    assert "expert 0.004 (the cluster has 0; set by --attention-resource / --expert-resource" in problem
+    assert shortfall(plan_cluster(MIXTRAL, 2, 4), {}) is None  # on CPU, by default, nothing is reserved

@@ -234,6 +234,20 @@ def test_cluster_start_kills_what_it_started(ray_cluster, sharded_ckpt, tmp_path
     assert_not_retried(shard)
 
 
+def test_a_component_ray_cannot_place_fails_start_with_why(ray_cluster, tiny_ckpt):
+    """Expert groups pinned to a node pool that no node advertises: start fails at its timeout saying
+    which resource is missing and which flag asked for it, and leaves no actor behind."""
+    cfg = ModelConfig.from_checkpoint(tiny_ckpt)
+    alive_before = {a.actor_id for a in alive_components()}
+    cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, 1, 2, expert_resource="no-such-pool"),
+                      RuntimeOptions(threads=1, metrics=False), 2, 32, start_timeout_s=3)
+    with pytest.raises(ComponentStartError, match=r"^an expert group was not up within 3 s: Ray cannot place "
+                                                  r"every component: they ask for no-such-pool 0\.002 \(the cluster "
+                                                  r"has 0; set by --attention-resource / --expert-resource"):
+        cluster.start()
+    assert_none_left(alive_before)
+
+
 def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt):
     """Every running sequence decodes one token per step, so the budget must hold a full batch."""
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
