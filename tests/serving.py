@@ -5,6 +5,7 @@ and stop it with SIGTERM checking that it exits 0 and leaves no actor behind."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -68,13 +69,16 @@ def alive_components() -> list:
 
 
 @contextlib.contextmanager
-def serve_process(model, ray_address: str, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
+def serve_process(model, ray_address: str | None, *flags: str) -> Iterator[tuple[subprocess.Popen, list[str]]]:
     """`expertmesh serve --model MODEL --port 0 --ray-address ADDRESS FLAGS...`: the process and the list
-    `wait_for_line` keeps its output in. On leaving, SIGTERM; it must exit within STOP_TIMEOUT_S, and,
-    when the body passed (a failure is not hidden behind these), with status 0 and no actor left."""
+    `wait_for_line` keeps its output in. `ray_address` None: no --ray-address, and no RAY_ADDRESS in its
+    environment, so it starts an embedded Ray of its own. On leaving, SIGTERM; it must exit within
+    STOP_TIMEOUT_S, and, when the body passed (a failure is not hidden behind these), with status 0 and
+    (joined to the session's cluster) no actor left."""
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(model), "--port", "0",
-           "--ray-address", ray_address, *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           *(["--ray-address", ray_address] if ray_address else []), *flags]
+    env = None if ray_address else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
         yield proc, lines
@@ -85,7 +89,10 @@ def serve_process(model, ray_address: str, *flags: str) -> Iterator[tuple[subpro
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"serve did not exit within {STOP_TIMEOUT_S} s of SIGTERM")
+        lines += proc.stdout.readlines()
     assert code == 0, "".join(lines[-30:])
+    if ray_address is None:
+        return
     deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
     while alive_components() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +30,7 @@ from expertmesh.model.load import load_local_model
 from expertmesh.sampling import SamplingParams
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 from reference import load_reference, reference_greedy
-from serving import STOP_TIMEOUT_S, wait_for_line, wait_serving
+from serving import serve_process, wait_for_line, wait_serving
 from test_parity import make_prompts, our_greedy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,25 +98,12 @@ def serve_on_gpu(model, *flags: str) -> Iterator[str]:
     """`expertmesh serve --device cuda` with an embedded Ray of its own (so on this machine's real
     GPUs, not the test session's cluster of declared ones); its address once SERVING. On leaving,
     SIGTERM: it must exit 0 in time."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(model), "--port", "0", "--device", "cuda",
-           "--attention-shards", str(SHARDS), "--expert-groups", str(GROUPS), "--gpus-per-shard", GPU_SHARE,
-           "--gpus-per-group", GPU_SHARE, "--max-batch-size", "16", "--max-seq-len", "96", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    try:
+    with serve_process(model, None, "--device", "cuda", "--attention-shards", str(SHARDS), "--expert-groups",
+                       str(GROUPS), "--gpus-per-shard", GPU_SHARE, "--gpus-per-group", GPU_SHARE,
+                       "--max-batch-size", "16", "--max-seq-len", "96", *flags) as (proc, lines):
         address = wait_for_line(proc, lines, r"serving .* on (\S+:\d+)", timeout_s=300)
         wait_serving(address)
         yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            pytest.fail(f"serve did not exit within {STOP_TIMEOUT_S} s of SIGTERM")
-        lines += proc.stdout.readlines()
-    assert code == 0, "".join(lines[-30:])
 
 
 def check_placement(stub) -> None:
