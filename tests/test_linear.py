@@ -25,3 +25,15 @@ def test_every_row_count_gives_the_plain_matmul(m):
     assert y.shape == (m, 96)
     torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
     assert Linear(weight)(x[:0]).shape == (0, 96)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["wide output", "narrow output"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_one_or_two_rows_take_the_matrix_vector_layout_and_give_the_plain_matmul(shape, m):
+    torch.manual_seed(m)
+    weight = torch.randn(*shape)
+    linear = Linear(weight)
+    if linear.packed is not None:  # the fp32 CPU path keeps the layout a matrix-vector product reads fastest
+        assert linear.gemv.shape == (shape if shape[0] < shape[1] else shape[::-1])
+    x = torch.randn(2 * m, shape[1])[::2]  # a strided view, as a slice of a step's rows can be
+    torch.testing.assert_close(linear(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
