@@ -173,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, max_waiting=args.max_waiting,
         max_tokens_per_step=args.max_tokens_per_step,
         internal_tls=_internal_tls(args),
-        threads=args.threads, attention_threads=args.attention_threads, grace_s=args.grace,
+        threads=args.threads, attention_threads=args.attention_threads, head_threads=args.head_threads,
+        grace_s=args.grace,
         metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
     try:
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-threads", type=int,
                    help="torch CPU threads of an attention shard for steps of 32 tokens or more, which run while "
                         "the expert groups wait (default: --threads); see docs/operations.md")
+    p.add_argument("--head-threads", type=int,
+                   help="torch CPU threads of the last attention shard's LM head, which runs while every other "
+                        "component waits (default: the node's cores, at most 8)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.add_argument("--tls-cert", metavar="FILE", help="serve the API over TLS with this PEM certificate chain")

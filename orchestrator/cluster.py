@@ -14,6 +14,7 @@ restarts only processes that die, and reports the constructor's error to whoever
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,7 @@ from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroup
 from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan, shortfall
 from expertmesh.presets import DTYPES
 from expertmesh.services.attention import ShardChain
+from expertmesh.services.internal import INTERNAL_GRPC_EXPERIMENTS
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,25 @@ def _start_error(exc: ray.exceptions.RayActorError, what: str) -> ComponentStart
     return ComponentStartError(f"{what}{f' on {node.group(1)}' if node else ''} failed to start: {error}")
 
 
+COMPONENT_ENV = {
+    # An OpenMP team sleeps as soon as its work is done instead of spinning (libgomp spins for
+    # about 300000 iterations by default) on the cores that the next component of the step needs.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "GRPC_EXPERIMENTS": INTERNAL_GRPC_EXPERIMENTS,
+}
+
+
+def component_env() -> dict[str, str]:
+    """The environment every component process starts with (libraries read it when they load):
+    COMPONENT_ENV, except where this process's environment sets a variable, which then wins on
+    every node."""
+    return {k: os.environ.get(k, v) for k, v in COMPONENT_ENV.items()}
+
+
 def _actor(cls, plan: ComponentPlan, max_restarts: int = 0):
     return ray.remote(cls).options(
         name=None, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources or None,
-        max_restarts=max_restarts, max_task_retries=0,
+        max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": component_env()},
     )
 
 

@@ -59,6 +59,7 @@ class ServeOptions:
     internal_tls: tuple[str, str, str] | None = None  # mutual TLS between components: CA, cert, key paths
     threads: int = 1
     attention_threads: int | None = None  # for an attention shard's steps of 32+ tokens; None: `threads`
+    head_threads: int | None = None  # for the LM head; None: the node's cores, at most 8
     metrics_port: int | None = None
     grace_s: float = 10.0
     # The public API's access control (see services/access.py): PEM files, and the token or its file.
@@ -107,7 +108,8 @@ def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer,
     if problem:  # an autoscaler may still add the nodes
         log.warning("%s; waiting for the cluster to grow", problem)
     runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads,
-                             attention_threads=opts.attention_threads, host=None, internal_tls=opts.internal_tls)
+                             attention_threads=opts.attention_threads, head_threads=opts.head_threads, host=None,
+                             internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
                       router=opts.router).start()
     try:

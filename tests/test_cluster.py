@@ -4,7 +4,9 @@ fourth), across topologies."""
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -82,5 +84,30 @@ def test_each_expert_group_gets_its_own_gpu(ray_cluster, tiny_ckpt):
         shard_gpus = [tuple(s["gpu_ids"]) for s in placed["shards"]]
         assert all(len(g) == 1 for g in shard_gpus) and not set(shard_gpus) & set(gpus)  # half a GPU each
         assert all(r["gpu_ids"] == [] for r in placed["routers"])  # routers hold no GPU
+    finally:
+        cluster.shutdown()
+
+
+def test_components_start_with_their_environment_and_groups_never_preempt_on_wakeup(ray_cluster, tiny_ckpt,
+                                                                                     monkeypatch):
+    """Every component process gets COMPONENT_ENV, where the caller's environment does not override a
+    variable; every thread of an expert group on CPU runs under SCHED_BATCH, and the shards' do not."""
+    from expertmesh.orchestrator.cluster import COMPONENT_ENV
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the caller's own setting wins, on every node
+    cfg = ModelConfig.from_checkpoint(tiny_ckpt)
+    cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, attention_shards=1, expert_groups=2),
+                      RuntimeOptions(threads=1), 2, 32, router="inline").start()
+    try:
+        placed = cluster.describe()
+        for info in placed["groups"] + placed["shards"]:
+            environ = dict(kv.split("=", 1) for kv in
+                           Path(f"/proc/{info['pid']}/environ").read_text().split("\0") if "=" in kv)
+            assert environ["GRPC_EXPERIMENTS"] == COMPONENT_ENV["GRPC_EXPERIMENTS"]
+            assert environ["OMP_WAIT_POLICY"] == "ACTIVE"
+        for kind, policy in (("groups", os.SCHED_BATCH), ("shards", os.SCHED_OTHER)):
+            for info in placed[kind]:
+                tids = [int(t) for t in os.listdir(f"/proc/{info['pid']}/task")]
+                assert {os.sched_getscheduler(t) for t in tids} == {policy}, (kind, info["pid"])
     finally:
         cluster.shutdown()

@@ -209,21 +209,28 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
         torch.set_num_threads(threads)
 
 
-def test_attention_shard_takes_more_threads_for_large_steps_only(tiny_ckpt, loop):
+def test_attention_shard_takes_more_threads_for_large_steps_and_the_head(tiny_ckpt, loop):
     """Its layers run while the expert groups wait: steps of PARALLEL_STEP_TOKENS tokens or more get
-    `parallel_threads`, smaller ones `threads` (as the MoE, called mid-step, sees them)."""
+    `parallel_threads`, smaller ones `threads` (as the MoE, called mid-step, sees them). The LM head,
+    which runs while every other component waits, gets `head_threads` at every step size."""
     from expertmesh.services.attention import PARALLEL_STEP_TOKENS, AttentionServicer
     from expertmesh.v1 import attention_pb2
 
     stack = load_local_model(CheckpointReader(tiny_ckpt), 2, 64, torch.float32)
-    local_moe, seen = stack.moe, []
+    local_moe, seen, head_seen = stack.moe, [], []
+    head = stack.lm_head
 
     async def moe(layer, x):
         seen.append((x.shape[0], torch.get_num_threads()))
         return local_moe(layer, x)
 
+    def lm_head(x):
+        head_seen.append(torch.get_num_threads())
+        return head(x)
+
+    stack.lm_head = lm_head
     threads = torch.get_num_threads()
-    servicer = AttentionServicer(stack, moe, threads=1, parallel_threads=2)
+    servicer = AttentionServicer(stack, moe, threads=1, parallel_threads=2, head_threads=3)
     try:
         for slot, q_len in ((0, PARALLEL_STEP_TOKENS), (1, 3), (0, 1), (1, PARALLEL_STEP_TOKENS + 5)):
             start = 0 if q_len > 1 else PARALLEL_STEP_TOKENS
@@ -234,6 +241,7 @@ def test_attention_shard_takes_more_threads_for_large_steps_only(tiny_ckpt, loop
         torch.set_num_threads(threads)
     expected = {PARALLEL_STEP_TOKENS: 2, 3: 1, 1: 1, PARALLEL_STEP_TOKENS + 5: 2}
     assert seen and all(n == expected[rows] for rows, n in seen), seen
+    assert head_seen == [3] * 4
 
 
 def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_ckpt, loop):
