@@ -94,7 +94,8 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         if not rows:
             return attention_pb2.StepResponse()
         seqs = [request.seqs[i] for i in rows]
-        ids = self.sampler(out[rows], [s.request_id for s in seqs], [sampling_from_pb(s.sampling) for s in seqs])
+        logits = out if len(rows) == len(out) else out[rows]  # decoding: every row, and no copy
+        ids = self.sampler(logits, [s.request_id for s in seqs], [sampling_from_pb(s.sampling) for s in seqs])
         return attention_pb2.StepResponse(next_token_ids=ids)
 
     async def _forward(self, batch: StepBatch, inputs: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,26 @@ def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert:
     return Dispatch(rows=rows, tokens=tokens, experts=flat_experts, weights=weights.reshape(-1))
 
 
+HOST_PLAN_ROWS = 16
+"""Up to this many routed rows (tokens x top-k) are planned on the host in plain Python: a decode
+step at low load. The tensor plan costs about 20 small ops whatever the size; this one, a handful."""
+
+
+def plan_dispatch_small(weights: torch.Tensor, experts: torch.Tensor, group_of_expert: Sequence[int],
+                        num_groups: int) -> Dispatch:
+    """`plan_dispatch` for a few rows, the same plan: rows by group, within a group by expert then
+    token (a stable sort, as the reference's)."""
+    t, a = experts.shape
+    flat = experts.reshape(-1)
+    ids = flat.tolist()
+    by_group: list[list[int]] = [[] for _ in range(num_groups)]
+    for i in sorted(range(t * a), key=ids.__getitem__):
+        by_group[group_of_expert[ids[i]]].append(i)
+    return Dispatch(rows=[torch.tensor(r, dtype=torch.long, device=experts.device) for r in by_group],
+                    tokens=torch.tensor([i // a for i in range(t * a)], device=experts.device), experts=flat,
+                    weights=weights.reshape(-1))
+
+
 def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each token's expert outputs -> [T, D].
 
@@ -154,12 +174,16 @@ class Router:
             raise ValueError(f"experts {missing} are owned by no expert group")
         # On the gates' device, so the per-layer dispatch never copies it across devices.
         self.group_of_expert = group_of_expert.to(next(iter(self.gates.values())).device)
+        self._group_of_expert = group_of_expert.tolist()
 
     def dispatch(self, layer: int, x: torch.Tensor) -> tuple[Dispatch, list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """Route x: [T, D] of `layer`; per group, its rows and their expert ids (None: no rows).
         The caller reports the decision (`report`) once the groups' work is on its way."""
         weights, experts = route(x, self.gates[layer], self.top_k)
-        plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
+        if experts.numel() <= HOST_PLAN_ROWS:
+            plan = plan_dispatch_small(weights, experts, self._group_of_expert, len(self.groups))
+        else:
+            plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
         return plan, [(x[plan.tokens[rows]], plan.experts[rows]) if rows.numel() else None for rows in plan.rows]
 
     def report(self, layer: int, plan: Dispatch) -> None:
