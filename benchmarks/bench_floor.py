@@ -2,7 +2,8 @@
 
 1. Message round trips between two processes on loopback (2 KiB, one row of the small preset's hidden
    state), back to back and with an idle gap after each, as an expert group sees at concurrency 1:
-   grpc.aio bidirectional stream (what the cluster uses), grpc sync stream and unary, raw TCP.
+   grpc.aio bidirectional stream (what the cluster uses, with and without the GRPC_EXPERIMENTS its
+   components run with), grpc sync stream and unary, raw TCP.
 2. One expert of the small preset on one row, one thread: back to back, after sleeping, and after
    spinning for the same gap (is the cost the idle core, or the weights leaving the caches?).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import queue
 import socket
 import statistics
@@ -131,8 +133,16 @@ def transport(rounds: int, gaps: list[float]) -> None:
     ctx = multiprocessing.get_context("spawn")  # grpc does not survive fork
     print("| path | " + " | ".join(f"gap {g * 1e3:.0f} ms: round trip p50 / p90 us" for g in gaps) + " |")
     print("|---|" + "---|" * len(gaps))
-    sides = [("grpc.aio stream", "aio"), ("grpc sync stream", "sync"), ("grpc sync unary", "sync"), ("raw TCP", "tcp")]
-    for name, server_kind in sides:
+    from expertmesh.services.internal import INTERNAL_GRPC_EXPERIMENTS
+
+    legacy = {"GRPC_EXPERIMENTS": INTERNAL_GRPC_EXPERIMENTS}  # what the cluster's components run with
+    sides = [("grpc.aio stream", "grpc.aio stream", "aio", {}),
+             (f"grpc.aio stream, GRPC_EXPERIMENTS={INTERNAL_GRPC_EXPERIMENTS}", "grpc.aio stream", "aio", legacy),
+             ("grpc sync stream", "grpc sync stream", "sync", {}), ("grpc sync unary", "grpc sync unary", "sync", {}),
+             ("raw TCP", "raw TCP", "tcp", {})]
+    for name, client_kind, server_kind, env in sides:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # spawned processes start with it, before grpc loads
         cells = []
         for gap in gaps:
             with socket.socket() as s:  # a free port for this pair
@@ -143,9 +153,14 @@ def transport(rounds: int, gaps: list[float]) -> None:
             server.start()
             ready.wait(30)
             with ctx.Pool(1) as pool:
-                cells.append(pool.apply(_client, (name, port, rounds, gap)))
+                cells.append(pool.apply(_client, (client_kind, port, rounds, gap)))
             server.kill()
             server.join()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
