@@ -27,10 +27,20 @@ def test_every_row_count_gives_the_plain_matmul(m):
     assert Linear(weight)(x[:0]).shape == (0, 96)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["wide output", "narrow output"])
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_one_or_two_rows_take_the_matrix_vector_layout_and_give_the_plain_matmul(shape, m):
+def test_few_rows_on_one_or_two_threads_give_the_plain_matmul_in_either_weight_layout(shape, m, threads):
     torch.manual_seed(m)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_rows(shape, m)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_rows(shape, m):
     weight = torch.randn(*shape)
     linear = Linear(weight)
     if linear.packed is not None:  # the fp32 CPU path keeps the layout a matrix-vector product reads fastest

@@ -5,12 +5,14 @@ faster than the default (MKL) matmul for the shapes of decoding (a few rows agai
 the LM head, fused QKV, expert projections); see benchmarks/. Everywhere else (CUDA, bf16/fp16) it is
 plain `F.linear`. The reordered weight is opaque, so the original is kept only when asked for.
 
-For one or two rows a plain matrix-vector product beats it: one thread streams a weight twice as
-fast as oneDNN's blocked layout does (small preset, 1 thread, a row against weights colder than the
-cache: LM head [32000, 512] 4.7 vs 10.8 ms, an expert's w1|w3 [2816, 512] 0.42 vs 0.92 ms, its w2
-[512, 1408] 0.34 vs 0.51 ms; at 3 rows the two are even). It streams the weight along its rows, so
-it keeps the weight in whichever layout reads fastest: [in, out] for a wide output, the checkpoint's
-[out, in] for a narrow one. That is a second copy of every fp32 CPU weight, the price of the speed.
+For one row, and for two on one thread, a plain matrix-vector product beats it: one thread streams
+a weight up to twice as fast as through oneDNN's blocked layout (small preset, 1 thread, one row
+against weights colder than the cache, two runs: LM head [32000, 512] 3.9-4.8 vs 8.2-9.0 ms, an
+expert's w1|w3 [2816, 512] 0.47 vs 0.71-1.01 ms, its w2 [512, 1408] 0.26-0.29 vs 0.46 ms). From 3
+rows on one thread, or 2 rows on two, oneDNN is as fast or faster (`python benchmarks/bench_linear.py`, results in
+benchmarks/results/linear_kernels.md). The product streams the weight along its rows, so the weight
+is kept in whichever layout reads fastest: [in, out] for a wide output, the checkpoint's [out, in]
+for a narrow one. That is a second copy of every fp32 CPU weight, the price of the speed.
 
 oneDNN compiles a kernel for every row count it sees (about 15 ms each, here) and keeps it, and the
 allocator keeps the memory its scratch buffers used. A server sees every row count a prompt length or
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 
 GEMV_ROWS = 2
-"""Inputs of at most this many rows take the matrix-vector path on CPU in fp32."""
+"""Inputs of at most this many rows take the matrix-vector path on CPU in fp32 (more than one only on
+a single torch thread)."""
 
 
 def padded_rows(m: int) -> int:
@@ -71,7 +74,7 @@ class Linear:
         m = x.shape[0]
         if m == 0:
             return x.new_empty(0, self.out_features)
-        if m <= GEMV_ROWS:
+        if m == 1 or (m <= GEMV_ROWS and torch.get_num_threads() == 1):
             return x @ self.gemv if self.gemv_transposed else F.linear(x, self.gemv)
         rows = padded_rows(m)
         x = F.pad(x, (0, 0, 0, rows - m)) if rows != m else x.contiguous()
