@@ -25,8 +25,9 @@ from expertmesh.services.errors import ErrorMappingInterceptor
 INTERNAL_GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 """`GRPC_EXPERIMENTS` of every component process: gRPC's own poller instead of the EventEngine for
 channels and servers, which hands each message through fewer threads. A 2 KiB stream round trip on
-2 cores, back to back: 185-294 us instead of 269-401 us (after an 8 ms idle gap: no clear change);
-the cluster at concurrency 32: 129.7 instead of 111.5 tokens/s (benchmarks/results/cluster_vs_engine.md)."""
+2 cores: 237 instead of 352 us back to back, 983 instead of 1235 us after an 8 ms idle gap
+(`benchmarks/bench_floor.py`). The cluster at concurrency 32, with two more EventEngine experiments
+off as well: 129.7 instead of 111.5 tokens/s (benchmarks/results/cluster_vs_engine.md)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20  # largest prefill: 4096 tokens x top-2 rows x 4096 x fp32 = 128 MiB
 
