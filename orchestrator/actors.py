@@ -92,7 +92,8 @@ def _no_wakeup_preemption() -> None:
     """Put every thread of this process under SCHED_BATCH (Linux): a woken thread waits for the
     running one's time slice instead of preempting it. For expert groups on CPU: an attention shard
     sends one message per group in turn, and each group it wakes used to preempt it before it had sent
-    the rest (measured: the last group started 5.6 ms after the first at concurrency 32, on 2 cores).
+    the rest (measured at concurrency 32 on 2 cores: the last group started 5.6 ms after the first;
+    3.6 ms under SCHED_BATCH, and 134.6 instead of 126.6 tokens/s side by side).
     Threads started later inherit the policy from the thread that starts them."""
     if not hasattr(os, "SCHED_BATCH"):
         return

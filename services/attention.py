@@ -30,7 +30,8 @@ from expertmesh.v1 import attention_pb2, attention_pb2_grpc
 HEAD_THREADS_MAX = 8
 """The last shard's LM head runs while every other component of the step waits (the groups idle
 until the next step), so by default it takes the node's cores, up to this many. On 2 cores, small
-preset (a [32000, 512] fp32 head): 1 vs 2 threads 9-10 vs 5-6.5 ms at 1 row, 24 vs 13 ms at 32 rows.
+preset (a [32000, 512] fp32 head), 32 rows: 21-22 ms on 1 thread, 12-13 ms on 2
+(`benchmarks/bench_linear.py`); a single row takes the matrix-vector path, 4-5 ms on either.
 Component processes run OpenMP with a passive wait policy (`orchestrator/cluster.py`), so the team
 sleeps once the head is done instead of spinning on the cores the next step needs."""
 
