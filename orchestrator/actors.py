@@ -40,7 +40,7 @@ class RuntimeOptions:
     # run while every expert group waits); None: `threads`. Smaller steps always use `threads`.
     attention_threads: int | None = None
     # The last shard's threads for the LM head, which runs while every other component waits; None:
-    # this node's cores, at most HEAD_THREADS_MAX (services/attention.py).
+    # on CPU this node's cores, at most HEAD_THREADS_MAX (services/attention.py).
     head_threads: int | None = None
     host: str | None = None  # where servers listen; None: this node's address as Ray knows it
     call_timeout_s: float = 30.0
@@ -266,7 +266,8 @@ class AttentionShardComponent:
             moe = metrics.metered(moe) if metrics else moe
         servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name, threads=options.threads,
                                      parallel_threads=options.attention_threads,
-                                     head_threads=options.head_threads or _cores(options.threads))
+                                     head_threads=options.head_threads or (
+                                         _cores(options.threads) if options.device == "cpu" else None))
         return await serve_attention(servicer, f"{host}:0", tls=options.tls())
 
     def address(self) -> str:

@@ -9,10 +9,10 @@ For one row, and for two on one thread, a plain matrix-vector product beats it: 
 a weight up to twice as fast as through oneDNN's blocked layout (small preset, 1 thread, one row
 against weights colder than the cache, two runs: LM head [32000, 512] 3.9-4.8 vs 8.2-9.0 ms, an
 expert's w1|w3 [2816, 512] 0.47 vs 0.71-1.01 ms, its w2 [512, 1408] 0.26-0.29 vs 0.46 ms). From 3
-rows on one thread, or 2 rows on two, oneDNN is as fast or faster (`python benchmarks/bench_linear.py`, results in
-benchmarks/results/linear_kernels.md). The product streams the weight along its rows, so the weight
-is kept in whichever layout reads fastest: [in, out] for a wide output, the checkpoint's [out, in]
-for a narrow one. That is a second copy of every fp32 CPU weight, the price of the speed.
+rows on one thread, or 2 rows on two, oneDNN is as fast or faster (`benchmarks/bench_linear.py`,
+results in benchmarks/results/linear_kernels.md). The product streams the weight along its rows, so
+the weight is kept in whichever layout reads fastest: [in, out] for a wide output, the checkpoint's
+[out, in] for a narrow one. That is a second copy of every fp32 CPU weight, the price of the speed.
 
 oneDNN compiles a kernel for every row count it sees (about 15 ms each, here) and keeps it, and the
 allocator keeps the memory its scratch buffers used. A server sees every row count a prompt length or
