@@ -32,18 +32,15 @@ def test_every_row_count_gives_the_plain_matmul(m):
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_few_rows_on_one_or_two_threads_give_the_plain_matmul_in_either_weight_layout(shape, m, threads):
     torch.manual_seed(m)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _check_rows(shape, m)
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _check_rows(shape, m):
     weight = torch.randn(*shape)
     linear = Linear(weight)
     if linear.packed is not None:  # the fp32 CPU path keeps the layout a matrix-vector product reads fastest
         assert linear.gemv.shape == (shape if shape[0] < shape[1] else shape[::-1])
     x = torch.randn(2 * m, shape[1])[::2]  # a strided view, as a slice of a step's rows can be
-    torch.testing.assert_close(linear(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = linear(x)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(y, F.linear(x, weight), rtol=1e-5, atol=1e-5)
