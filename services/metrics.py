@@ -11,6 +11,7 @@ never adds two processes' samples together.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -33,9 +34,19 @@ _ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
 class RouterMetrics:
-    """Routing decisions and the fan-out to expert groups, per layer."""
+    """Routing decisions and the fan-out to expert groups, per layer.
+
+    A layer's routing decision is only queued where it is made, on the step's critical path (a list
+    append instead of about 80-130 us of counting and labelled increments per layer on CPU, and on a
+    GPU no copy to the host per layer); the queue is counted into the token and weight counters when
+    the registry is scraped, and whenever it holds FOLD_AT decisions."""
+
+    FOLD_AT = 1024
 
     def __init__(self, registry: CollectorRegistry, num_experts: int):
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._lock = threading.Lock()
+        registry.register(_BeforeCollect(self.fold))  # registered first: collected before the counters
         self.tokens = Counter("expertmesh_router_tokens_total", "Tokens routed to each expert (each token counts "
                               "once for each of its top-k experts)", ["layer", "expert"], registry=registry)
         self.weight = Counter("expertmesh_router_weight_total", "Routing weight mass given to each expert",
@@ -66,15 +77,43 @@ class RouterMetrics:
         return moe
 
     def observe_routing(self, layer: int, experts: torch.Tensor, weights: torch.Tensor) -> None:
-        """experts, weights: [T, A] of one layer's step, on the router's device."""
-        flat = experts.reshape(-1).cpu()
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        mass = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(
-            0, flat, weights.reshape(-1).cpu().double()).tolist()
-        for e, n in enumerate(counts):
-            if n:
-                self.tokens.labels(layer, e).inc(n)
-                self.weight.labels(layer, e).inc(mass[e])
+        """experts, weights: [T, A] of one layer's step, on the router's device (not modified later)."""
+        with self._lock:
+            self._pending.append((layer, experts, weights))
+            full = len(self._pending) >= self.FOLD_AT
+        if full:
+            self.fold()
+
+    def fold(self) -> None:
+        """Count the queued routing decisions into the token and weight counters."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        by_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for layer, experts, weights in pending:
+            by_layer.setdefault(layer, []).append((experts, weights))
+        for layer, decisions in by_layer.items():
+            flat = torch.cat([e.reshape(-1) for e, _ in decisions]).cpu()
+            mass = torch.cat([w.reshape(-1) for _, w in decisions]).cpu().double()
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            mass = torch.zeros(self.num_experts, dtype=torch.float64).index_add_(0, flat, mass).tolist()
+            for e, n in enumerate(counts):
+                if n:
+                    self.tokens.labels(layer, e).inc(n)
+                    self.weight.labels(layer, e).inc(mass[e])
+
+
+class _BeforeCollect:
+    """A collector of no metrics that runs `hook` whenever its registry is collected."""
+
+    def __init__(self, hook: Callable[[], None]):
+        self.hook = hook
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        self.hook()
+        return []
 
 
 class ExpertMetrics:
