@@ -103,16 +103,19 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name()} (GPU share per component {share})" if args.device == "cuda" else ""
     print(f"torch {torch.__version__}, {os.cpu_count()} cores{gpu}; cluster: {args.shards} attention shards x "
           f"{args.groups} expert groups; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"greedy {args.dtype}, median of {args.rounds} rounds, sides interleaved in each round\n")
+          f"greedy {args.dtype}, median of {args.rounds} rounds, sides interleaved in each round, in rotating order\n")
     print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | vs engine |")
     print("|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         for engine in sides.values():  # warm-up
             measure(engine, make_requests(c, args.prompt_len, 4))
         results: dict[str, list[dict]] = {side: [] for side in sides}
-        for _ in range(args.rounds):
-            for side, engine in sides.items():
-                results[side].append(measure(engine, make_requests(c, args.prompt_len, args.new_tokens)))
+        order = list(sides)
+        for r in range(args.rounds):
+            # Each round starts one side later, so every side takes every position: of two nearly equal
+            # clusters, the one measured second ran 6-8% slower at concurrency 1, whichever it was.
+            for side in order[r % len(order):] + order[:r % len(order)]:
+                results[side].append(measure(sides[side], make_requests(c, args.prompt_len, args.new_tokens)))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in results.items()}
         for side, m in med.items():
             ratio = f"{m['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side != "engine" else ""
