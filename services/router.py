@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 import torch
 
-from expertmesh.model.moe import Router, combine
+from expertmesh.model.moe import Router, combine, returns
 from expertmesh.services import codec
 from expertmesh.services.access import InternalTLS
 from expertmesh.services.expert import ExpertStream
@@ -39,12 +39,14 @@ class RemoteRouter:
         try:
             await asyncio.sleep(0)  # the messages go out first; the bookkeeping runs while the groups compute
             self.router.report(layer, plan)
+            with torch.inference_mode():
+                back = returns(plan)
             replies = iter(await calls)
         except BaseException:
             calls.cancel()  # no message left in flight for a call that is over
             raise
         with torch.inference_mode():
-            return combine(plan, [next(replies) if w else None for w in work], x)
+            return combine(plan, [next(replies) if w else None for w in work], x, back)
 
     async def close(self) -> None:
         await asyncio.gather(*(g.close() for g in self.router.groups))

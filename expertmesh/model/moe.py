@@ -106,18 +106,36 @@ def plan_dispatch_small(weights: torch.Tensor, experts: torch.Tensor, group_of_e
                     weights=weights.reshape(-1))
 
 
-def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs -> [T, D].
+@dataclass(frozen=True)
+class Returns:
+    """Where the groups' output rows go back: for their rows concatenated in group order, each row's
+    token and routing weight. Computable while the groups work, so that only `combine` waits on them."""
 
-    As the reference: each contribution is scaled in fp32, cast to the compute dtype, then added.
+    tokens: torch.Tensor  # [N] token of each row
+    weights: torch.Tensor  # [N, 1] fp32 routing weight of each row
+
+
+def returns(dispatch: Dispatch) -> Returns:
+    rows = [r for r in dispatch.rows if r.numel()]
+    rows = rows[0] if len(rows) == 1 else torch.cat(rows)
+    return Returns(tokens=dispatch.tokens[rows], weights=dispatch.weights[rows, None])
+
+
+def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: torch.Tensor,
+            back: Returns | None = None) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs -> [T, D]. `outputs[g]` is None for a group
+    without rows; `back` is `returns(dispatch)` if already computed.
+
+    As the reference: each contribution is scaled in fp32, cast to the compute dtype, then added,
+    a token's contributions in group order and within a group in expert order (one index_add_ over
+    every row adds them in row order).
     """
-    out = torch.zeros_like(like)
-    for rows, y in zip(dispatch.rows, outputs):
-        if y is None or rows.numel() == 0:
-            continue
-        contrib = (y * dispatch.weights[rows, None]).to(out.dtype)
-        out.index_add_(0, dispatch.tokens[rows], contrib)
-    return out
+    ys = [y for y in outputs if y is not None]
+    if not ys:
+        return torch.zeros_like(like)
+    back = back or returns(dispatch)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    return torch.zeros_like(like).index_add_(0, back.tokens, (y * back.weights).to(like.dtype))
 
 
 class ExpertGroup:
