@@ -3,10 +3,15 @@ the combine of the groups' outputs."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from expertmesh.model.moe import HOST_PLAN_ROWS, combine, plan_dispatch, plan_dispatch_small, returns, route
+from expertmesh.model.linear import Linear
+from expertmesh.model.moe import (HOST_PLAN_ROWS, HOST_RUN_ROWS, ExpertGroup, combine, plan_dispatch,
+                                  plan_dispatch_small, returns, route)
 
 
 @pytest.mark.parametrize("group_of_expert", [[0, 0, 1, 1, 2, 2, 3, 3], [0] * 8, [1, 0, 1, 0, 2, 2, 0, 1],
@@ -49,3 +54,25 @@ def test_combine_adds_each_token_s_contributions_group_by_group(group_of_expert,
                     want[token] += (y[rows.tolist().index(row)] * plan.weights[row]).to(dtype)
         assert torch.equal(combine(plan, outputs, x), want), tokens
         assert torch.equal(combine(plan, outputs, x, returns(plan)), want), tokens
+
+
+@pytest.mark.parametrize("ids", [[5], [4, 4, 4], [4, 5, 5, 7, 7, 7], [4] * 30 + [5] * 20 + [7] * 30],
+                         ids=["one row", "one run", "three runs", "more rows than HOST_RUN_ROWS"])
+def test_an_expert_group_sends_each_run_of_rows_through_its_expert(ids):
+    torch.manual_seed(2)
+    d, i = 16, 24
+    experts = (4, 5, 7)
+    w13 = {3: [Linear(torch.randn(2 * i, d)) for _ in experts]}
+    w2 = {3: [Linear(torch.randn(d, i)) for _ in experts]}
+    group = ExpertGroup(experts, w13, w2)
+    x = torch.randn(len(ids), d)
+    want, begin = [], 0
+    for expert, run in itertools.groupby(ids):
+        n = len(list(run))
+        gate, up = w13[3][experts.index(expert)](x[begin:begin + n]).chunk(2, dim=-1)
+        want.append(w2[3][experts.index(expert)](F.silu(gate) * up))
+        begin += n
+    assert (len(ids) > HOST_RUN_ROWS) == (len(ids) == 80)
+    assert torch.equal(group(3, x, torch.tensor(ids)), torch.cat(want))
+    with pytest.raises(ValueError, match="expert 6 is not owned"):
+        group(3, x, torch.tensor(ids[:-1] + [6]))

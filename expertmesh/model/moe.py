@@ -14,6 +14,7 @@ I = expert hidden size.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -161,19 +162,37 @@ class ExpertGroup:
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         if layer not in self.w13:
             raise ValueError(f"layer: {layer} is not served by this expert group")
-        out = torch.empty_like(x)
-        # The runs of equal ids, on the host: one copy from a GPU instead of a wait per value read.
-        ids, counts = torch.unique_consecutive(expert_ids.cpu(), return_counts=True)
-        begin = 0
-        for expert, count in zip(ids.tolist(), counts.tolist()):
+        runs = _runs(expert_ids)
+        for expert, _ in runs:
             if expert not in self._local:
                 raise ValueError(f"expert_ids: expert {expert} is not owned by this group (owns {self.experts})")
-            e = self._local[expert]
-            rows = slice(begin, begin + count)
-            gate, up = self.w13[layer][e](x[rows]).chunk(2, dim=-1)  # [n, I] each
-            out[rows] = self.w2[layer][e](F.silu(gate) * up)
+        if len(runs) == 1:  # every row to one expert (a decode step at low load): no output buffer
+            return self._expert(layer, runs[0][0], x)
+        out = torch.empty_like(x)
+        begin = 0
+        for expert, count in runs:
+            out[begin:begin + count] = self._expert(layer, expert, x[begin:begin + count])
             begin += count
         return out
+
+    def _expert(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+        e = self._local[expert]
+        gate, up = self.w13[layer][e](x).chunk(2, dim=-1)  # [n, I] each
+        return self.w2[layer][e](F.silu(gate) * up)
+
+
+HOST_RUN_ROWS = 64
+"""Up to this many rows, the runs of equal expert ids are found in plain Python (a few us, against
+about 17 us for unique_consecutive and its copies)."""
+
+
+def _runs(expert_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[(expert, rows)] of each run of equal ids, found on the host: one copy from a GPU instead of a
+    wait per value read."""
+    if expert_ids.numel() <= HOST_RUN_ROWS:
+        return [(e, len(list(run))) for e, run in itertools.groupby(expert_ids.tolist())]
+    ids, counts = torch.unique_consecutive(expert_ids.cpu(), return_counts=True)
+    return list(zip(ids.tolist(), counts.tolist()))
 
 
 class Router:
