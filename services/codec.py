@@ -31,9 +31,9 @@ def encode(t: torch.Tensor) -> tensor_pb2.Tensor:
 def decode(msg: tensor_pb2.Tensor, field: str, dtype: torch.dtype | None = None,
            shape: tuple[int | None, ...] | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Message -> tensor, checked. `shape` entries of None accept any size in that dimension."""
-    if msg.dtype not in DTYPES:
+    got = DTYPES.get(msg.dtype)
+    if got is None:
         raise ValueError(f"{field}: unknown dtype {msg.dtype!r} (expected one of {sorted(DTYPES)})")
-    got = DTYPES[msg.dtype]
     if dtype is not None and got != dtype:
         raise ValueError(f"{field}: dtype {msg.dtype} where {_NAMES[dtype]} is expected")
     dims = tuple(msg.shape)
@@ -41,11 +41,11 @@ def decode(msg: tensor_pb2.Tensor, field: str, dtype: torch.dtype | None = None,
         if len(dims) != len(shape) or any(w is not None and w != d for d, w in zip(dims, shape)):
             want = tuple("*" if w is None else w for w in shape)
             raise ValueError(f"{field}: shape {dims} where {want} is expected")
-    itemsize = torch.empty((), dtype=got).element_size()
-    if len(msg.data) != math.prod(dims) * itemsize:
-        raise ValueError(f"{field}: {len(msg.data)} bytes for shape {dims} of {msg.dtype} "
-                         f"({math.prod(dims) * itemsize} expected)")
-    if not msg.data:
+    data, nbytes = msg.data, math.prod(dims) * got.itemsize
+    if len(data) != nbytes:
+        raise ValueError(f"{field}: {len(data)} bytes for shape {dims} of {msg.dtype} ({nbytes} expected)")
+    if not nbytes:
         return torch.empty(dims, dtype=got, device=device)
     # bytearray: one copy into writable memory that the tensor then owns
-    return torch.frombuffer(bytearray(msg.data), dtype=got).reshape(dims).to(device)
+    t = torch.frombuffer(bytearray(data), dtype=got).view(dims)
+    return t if device == "cpu" else t.to(device)
