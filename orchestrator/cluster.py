@@ -23,7 +23,7 @@ import ray
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, Endpoint,
                                             RouterComponent, RuntimeOptions)
-from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan, shortfall
+from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan, alive_nodes, shortfall, unpacked
 from expertmesh.presets import DTYPES
 from expertmesh.services.attention import ShardChain
 from expertmesh.services.internal import INTERNAL_GRPC_EXPERIMENTS
@@ -129,7 +129,8 @@ class Cluster:
                 raise
             raise _start_error(exc, what) from None
         except ray.exceptions.GetTimeoutError:
-            why = shortfall(self.plan, ray.cluster_resources()) or (
+            nodes = alive_nodes()
+            why = shortfall(self.plan, ray.cluster_resources(), nodes) or unpacked(self.plan, nodes) or (
                 "still loading its weights, or no single node has everything it asks for "
                 f"(GPU, CPU, node-pool resource); Ray's resources in all: {ray.cluster_resources()}")
             raise ComponentStartError(f"{what} was not up within {self.start_timeout_s:g} s: {why}") from None

@@ -9,6 +9,7 @@ resources ("attention", "expert" node labels) pin each kind to its node pool.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from expertmesh.checkpoint import split_range
@@ -54,6 +55,8 @@ def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int
     for name, share in (("gpus_per_shard", gpus_per_shard), ("gpus_per_group", gpus_per_group)):
         if not 0 <= share <= 8 or (device == "cuda" and share == 0):
             raise ValueError(f"{name} must be in {'(0' if device == 'cuda' else '[0'}, 8], got {share}")
+        if share > 1 and share != int(share):  # Ray hands out GPUs by id: a share is a part of one, or whole ones
+            raise ValueError(f"{name} above 1 must be a whole number of GPUs, got {share}")
     if expert_replicas < 1:
         raise ValueError(f"expert_replicas must be >= 1, got {expert_replicas}")
     if num_cpus < 0:
@@ -71,6 +74,13 @@ def plan_cluster(cfg: ModelConfig, attention_shards: int = 1, expert_groups: int
     return ClusterPlan(shards, groups)
 
 
+def alive_nodes() -> list[dict[str, float]]:
+    """Each alive node's resources in all, from the connected Ray."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def demand(plan: ClusterPlan) -> dict[str, float]:
     """What the plan's actors ask Ray for, in all, by resource ("GPU", "CPU", custom). Routers ask for
     nothing and are not counted."""
@@ -86,14 +96,86 @@ _FLAGS = {"GPU": "--gpus-per-shard and --gpus-per-group (fractions share a GPU)"
           "CPU": "the CPUs each component reserves"}
 
 
-def shortfall(plan: ClusterPlan, available: dict[str, float]) -> str | None:
+def _flags(name: str) -> str:
+    return _FLAGS.get(name, "--attention-resource / --expert-resource, a resource no node advertises")
+
+
+def _asks(c: ComponentPlan) -> str:
+    parts = [f"{name} {amount:g}" for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items())
+             if amount]
+    return f"{c.name} ({', '.join(parts)})"
+
+
+def shortfall(plan: ClusterPlan, available: Mapping[str, float],
+              nodes: Sequence[Mapping[str, float]] | None = None) -> str | None:
     """Why a cluster with `available` resources in all (`ray.cluster_resources()`) can never place
-    every actor of `plan`, naming the flags that set each demand; None if the totals suffice."""
+    every actor of `plan`, naming the flags that set each demand; None if nothing rules it out.
+    With `nodes` (each alive node's resources), also a component that no single node could hold even
+    empty (see `_Node` for how Ray counts a node's GPUs)."""
     short = [(name, need, available.get(name, 0.0)) for name, need in sorted(demand(plan).items())
              if need > available.get(name, 0.0) + 1e-6]
-    if not short:
+    if short:
+        parts = [f"{name} {need:g} (the cluster has {have:g}; set by {_flags(name)})" for name, need, have in short]
+        return "Ray cannot place every component: they ask for " + "; ".join(parts)
+    if nodes is None:
         return None
-    parts = [f"{name} {need:g} (the cluster has {have:g}; set by "
-             f"{_FLAGS.get(name, '--attention-resource / --expert-resource, a resource no node advertises')})"
-             for name, need, have in short]
-    return "Ray cannot place every component: they ask for " + "; ".join(parts)
+    homeless = [c for c in (*plan.shards, *plan.groups) if not any(_Node(n).take(c) for n in nodes)]
+    if not homeless:
+        return None
+    names = sorted({name for c in homeless
+                    for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items()) if amount})
+    return ("Ray cannot place every component: no single node has what " + ", ".join(map(_asks, homeless[:3]))
+            + (f" and {len(homeless) - 3} more" if len(homeless) > 3 else "") + " asks for (set by "
+            + "; ".join(_flags(name) for name in names) + ")")
+
+
+def unpacked(plan: ClusterPlan, nodes: Sequence[Mapping[str, float]]) -> str | None:
+    """Why a greedy placement of `plan` on `nodes`, empty (largest GPU share first, each component on
+    the first node where it fits, inside the fullest GPU that has room), does not complete; None if it
+    does. Ray, too, keeps each fractional share inside one GPU, so this is what will most likely keep
+    actors pending, e.g. three 0.6 shares on two GPUs. Greedy can miss a placement only in contrived cases:
+    take it as what to change, not as proof."""
+    free = [_Node(n) for n in nodes]
+    placed = 0
+    for c in sorted((*plan.shards, *plan.groups), key=lambda c: -c.num_gpus):
+        if not any(node.take(c) for node in free):
+            return (f"Ray will most likely not place every component on its {len(free)} node(s): with {placed} "
+                    f"placed, {_asks(c)} fits on none (GPU shares left per node: {[n.gpus_free() for n in free]}); "
+                    f"set by {_flags('GPU')}")
+        placed += 1
+    return None
+
+
+class _Node:
+    """What is left of one node while placing components on it, counted as Ray does: a GPU share up
+    to 1 inside one GPU (two 0.6 shares need two GPUs), a larger one as whole GPUs; CPUs and
+    node-pool resources from the node's totals."""
+
+    def __init__(self, resources: Mapping[str, float]):
+        self.gpus = [1.0] * int(resources.get("GPU", 0.0) + 1e-6)
+        self.other = {k: v for k, v in resources.items() if k != "GPU"}
+
+    def gpus_free(self) -> list[float]:
+        return [round(g, 4) for g in self.gpus]
+
+    def take(self, c: ComponentPlan) -> bool:
+        """Place `c` here if it fits; whether it did."""
+        needs = {"CPU": c.num_cpus, **c.resources}
+        if any(amount > self.other.get(name, 0.0) + 1e-6 for name, amount in needs.items() if amount):
+            return False
+        share = c.num_gpus
+        if share > 1:
+            whole = [i for i, g in enumerate(self.gpus) if g >= 1.0 - 1e-6][:int(share)]
+            if len(whole) < share:
+                return False
+            for i in whole:
+                self.gpus[i] = 0.0
+        elif share > 0:
+            fits = [i for i, g in enumerate(self.gpus) if g >= share - 1e-6]
+            if not fits:
+                return False
+            self.gpus[min(fits, key=lambda i: self.gpus[i])] -= share  # the fullest GPU it fits on
+        for name, amount in needs.items():
+            if amount:
+                self.other[name] -= amount
+        return True

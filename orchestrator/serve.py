@@ -24,7 +24,7 @@ from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
 from expertmesh.orchestrator.cluster import Cluster
-from expertmesh.orchestrator.placement import plan_cluster, shortfall
+from expertmesh.orchestrator.placement import alive_nodes, plan_cluster, shortfall, unpacked
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 from expertmesh.services.access import InternalTLS, PublicAccess
@@ -102,11 +102,14 @@ def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer,
                         expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
     import ray
 
-    problem = shortfall(plan, ray.cluster_resources())
+    nodes = alive_nodes()
+    problem = shortfall(plan, ray.cluster_resources(), nodes)
     if problem and fixed_size:
         raise ValueError(problem)
     if problem:  # an autoscaler may still add the nodes
         log.warning("%s; waiting for the cluster to grow", problem)
+    elif hint := unpacked(plan, nodes):
+        log.warning("%s; waiting for Ray to place them", hint)
     runtime = RuntimeOptions(device=opts.device, dtype=opts.dtype, threads=opts.threads,
                              attention_threads=opts.attention_threads, head_threads=opts.head_threads, host=None,
                              internal_tls=opts.internal_tls)

@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 from safetensors.torch import save_file
+from conftest import ATTENTION
 from test_serve import alive_components
 
 from expertmesh.model.config import ModelConfig
@@ -244,6 +245,22 @@ def test_a_component_ray_cannot_place_fails_start_with_why(ray_cluster, tiny_ckp
     with pytest.raises(ComponentStartError, match=r"^an expert group was not up within 3 s: Ray cannot place "
                                                   r"every component: they ask for no-such-pool 0\.002 \(the cluster "
                                                   r"has 0; set by --attention-resource / --expert-resource"):
+        cluster.start()
+    assert_none_left(alive_before)
+
+
+def test_a_component_no_single_node_can_hold_fails_start_with_why(ray_cluster, tiny_ckpt):
+    """Attention shards asking for half a GPU on the attention pool, whose node has none (the GPUs are
+    on the expert node): the totals would allow it, but no node can hold a shard. Start fails at its
+    timeout naming the shards and the flags, and leaves no actor behind. (Whichever wait runs out first
+    says why: on a loaded machine the groups may take longer than the 3 s to load.)"""
+    cfg = ModelConfig.from_checkpoint(tiny_ckpt)
+    alive_before = {a.actor_id for a in alive_components()}
+    plan = plan_cluster(cfg, 1, 2, gpus_per_shard=0.5, attention_resource=ATTENTION)
+    cluster = Cluster(str(tiny_ckpt), plan, RuntimeOptions(threads=1, metrics=False), 2, 32, start_timeout_s=3)
+    why = (r"Ray cannot place every component: no single node has what attention-0 \(GPU 0\.5, attention "
+           r"0\.001\) asks for \(set by --gpus-per-shard")
+    with pytest.raises(ComponentStartError, match=rf"^an (attention shard|expert group) was not up within 3 s: {why}"):
         cluster.start()
     assert_none_left(alive_before)
 
