@@ -104,8 +104,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} cores{gpu}; cluster: {args.shards} attention shards x "
           f"{args.groups} expert groups; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"greedy {args.dtype}, median of {args.rounds} rounds, sides interleaved in each round, in rotating order\n")
-    print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | vs engine |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrency | side | decode tok/s | TTFT ms | ITL p50 ms | ITL p99 ms | vs engine "
+          "| vs engine per round: min / median / max |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in args.concurrency:
         for engine in sides.values():  # warm-up
             measure(engine, make_requests(c, args.prompt_len, 4))
@@ -118,9 +119,15 @@ def main() -> None:
                 results[side].append(measure(sides[side], make_requests(c, args.prompt_len, args.new_tokens)))
         med = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in results.items()}
         for side, m in med.items():
-            ratio = f"{m['decode_tps'] / med['engine']['decode_tps']:.2f}x" if side != "engine" else ""
+            ratio = paired = ""
+            if side != "engine":
+                # Also each round's ratio against the engine of the same round: the machine drifts
+                # between rounds more than within one, and this shows how far.
+                ratio = f"{m['decode_tps'] / med['engine']['decode_tps']:.2f}x"
+                rounds = sorted(s["decode_tps"] / e["decode_tps"] for s, e in zip(results[side], results["engine"]))
+                paired = f"{rounds[0]:.2f} / {statistics.median(rounds):.2f} / {rounds[-1]:.2f}"
             print(f"| {c} | {side} | {m['decode_tps']:.1f} | {m['ttft'] * 1e3:.0f} | {m['itl_p50'] * 1e3:.1f} | "
-                  f"{m['itl_p99'] * 1e3:.1f} | {ratio} |", flush=True)
+                  f"{m['itl_p99'] * 1e3:.1f} | {ratio} | {paired} |", flush=True)
     d, k = local.cfg.hidden_size, local.cfg.num_experts_per_tok
     itemsize = DTYPES[args.dtype].itemsize
     # per token and layer: shard -> router (D), router -> groups (k rows), groups -> router (k), router -> shard (D)
