@@ -24,7 +24,7 @@ from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
 from expertmesh.orchestrator.actors import RuntimeOptions
 from expertmesh.orchestrator.cluster import Cluster
-from expertmesh.orchestrator.placement import alive_nodes, plan_cluster, shortfall, unpacked
+from expertmesh.orchestrator.placement import ClusterPlan, alive_nodes, plan_cluster, shortfall, unpacked
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
 from expertmesh.services.access import InternalTLS, PublicAccess
@@ -90,16 +90,21 @@ def model_info(name: str, cfg: ModelConfig, max_len: int, cluster: Cluster) -> M
                      cfg.num_experts_per_tok, len(cluster.shards), placements)
 
 
-def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer,
-                  fixed_size: bool = False) -> tuple[Cluster, Engine]:
+def cluster_plan(opts: ServeOptions, cfg: ModelConfig) -> ClusterPlan:
+    """The actors `opts` asks for; ValueError naming the flag if it cannot be cut that way."""
+    return plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
+                        opts.gpus_per_group, attention_resource=opts.attention_resource,
+                        expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
+
+
+def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer, fixed_size: bool = False,
+                  plan: ClusterPlan | None = None) -> tuple[Cluster, Engine]:
     """Actors up and one warm-up request through every component; blocking. On failure nothing is
     left running. `fixed_size` (an embedded Ray: no autoscaler will add nodes): a plan that asks for
     more than the cluster has fails at once (ValueError naming the flags) instead of at the start
     timeout."""
     max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
-    plan = plan_cluster(cfg, opts.attention_shards, opts.expert_groups, opts.device, opts.gpus_per_shard,
-                        opts.gpus_per_group, attention_resource=opts.attention_resource,
-                        expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
+    plan = plan or cluster_plan(opts, cfg)
     import ray
 
     nodes = alive_nodes()
@@ -150,10 +155,11 @@ async def serve(opts: ServeOptions) -> int:
     # Every tensor's header (name, shape, dtype, bytes present); components check what they read again.
     cfg = CheckpointReader(opts.model).check()
     tokenizer = Tokenizer.from_checkpoint(opts.model)
+    plan = cluster_plan(opts, cfg)  # shards, groups and GPU shares that cannot work, before Ray starts
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
-        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer, embedded)
+        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer, embedded, plan)
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)

@@ -12,6 +12,7 @@ cluster share one file system, so for that case the serve process's own check is
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -263,6 +264,22 @@ def test_a_component_no_single_node_can_hold_fails_start_with_why(ray_cluster, t
     with pytest.raises(ComponentStartError, match=rf"^an (attention shard|expert group) was not up within 3 s: {why}"):
         cluster.start()
     assert_none_left(alive_before)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--gpus-per-group", "1.5"), "gpus_per_group above 1 must be a whole number of GPUs, got 1.5"),
+    (("--attention-shards", "99"), "attention_shards"),  # more shards than layers
+])
+def test_a_plan_that_cannot_work_is_refused_before_ray_starts(tiny_ckpt, flags, message):
+    """Flags that no cluster could serve fail in a second, before an embedded Ray is started."""
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
+           *flags]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("expertmesh: error: ")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Started a local Ray instance" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt):
