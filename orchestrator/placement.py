@@ -81,14 +81,19 @@ def alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def requests(c: ComponentPlan) -> dict[str, float]:
+    """What one actor asks Ray for, by resource ("GPU", "CPU", custom), leaving out what is 0."""
+    return {name: amount for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items())
+            if amount}
+
+
 def demand(plan: ClusterPlan) -> dict[str, float]:
-    """What the plan's actors ask Ray for, in all, by resource ("GPU", "CPU", custom). Routers ask for
-    nothing and are not counted."""
+    """What the plan's actors ask Ray for, in all, by resource. Routers ask for nothing and are not
+    counted."""
     total: dict[str, float] = {}
     for c in (*plan.shards, *plan.groups):
-        for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items()):
-            if amount:
-                total[name] = total.get(name, 0.0) + amount
+        for name, amount in requests(c).items():
+            total[name] = total.get(name, 0.0) + amount
     return total
 
 
@@ -101,9 +106,7 @@ def _flags(name: str) -> str:
 
 
 def _asks(c: ComponentPlan) -> str:
-    parts = [f"{name} {amount:g}" for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items())
-             if amount]
-    return f"{c.name} ({', '.join(parts)})"
+    return f"{c.name} ({', '.join(f'{name} {amount:g}' for name, amount in requests(c).items())})"
 
 
 def shortfall(plan: ClusterPlan, available: Mapping[str, float],
@@ -122,8 +125,7 @@ def shortfall(plan: ClusterPlan, available: Mapping[str, float],
     homeless = [c for c in (*plan.shards, *plan.groups) if not any(_Node(n).take(c) for n in nodes)]
     if not homeless:
         return None
-    names = sorted({name for c in homeless
-                    for name, amount in (("GPU", c.num_gpus), ("CPU", c.num_cpus), *c.resources.items()) if amount})
+    names = sorted({name for c in homeless for name in requests(c)})
     return ("Ray cannot place every component: no single node has what " + ", ".join(map(_asks, homeless[:3]))
             + (f" and {len(homeless) - 3} more" if len(homeless) > 3 else "") + " asks for (set by "
             + "; ".join(_flags(name) for name in names) + ")")
@@ -160,10 +162,10 @@ class _Node:
 
     def take(self, c: ComponentPlan) -> bool:
         """Place `c` here if it fits; whether it did."""
-        needs = {"CPU": c.num_cpus, **c.resources}
-        if any(amount > self.other.get(name, 0.0) + 1e-6 for name, amount in needs.items() if amount):
+        needs = requests(c)
+        share = needs.pop("GPU", 0.0)
+        if any(amount > self.other.get(name, 0.0) + 1e-6 for name, amount in needs.items()):
             return False
-        share = c.num_gpus
         if share > 1:
             whole = [i for i, g in enumerate(self.gpus) if g >= 1.0 - 1e-6][:int(share)]
             if len(whole) < share:
@@ -176,6 +178,5 @@ class _Node:
                 return False
             self.gpus[min(fits, key=lambda i: self.gpus[i])] -= share  # the fullest GPU it fits on
         for name, amount in needs.items():
-            if amount:
-                self.other[name] -= amount
+            self.other[name] -= amount
         return True
