@@ -97,14 +97,13 @@ def cluster_plan(opts: ServeOptions, cfg: ModelConfig) -> ClusterPlan:
                         expert_resource=opts.expert_resource, expert_replicas=opts.expert_replicas)
 
 
-def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer, fixed_size: bool = False,
-                  plan: ClusterPlan | None = None) -> tuple[Cluster, Engine]:
-    """Actors up and one warm-up request through every component; blocking. On failure nothing is
-    left running. `fixed_size` (an embedded Ray: no autoscaler will add nodes): a plan that asks for
-    more than the cluster has fails at once (ValueError naming the flags) instead of at the start
-    timeout."""
+def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer, plan: ClusterPlan,
+                  fixed_size: bool = False) -> tuple[Cluster, Engine]:
+    """The actors of `plan` up and one warm-up request through every component; blocking. On failure
+    nothing is left running. `fixed_size` (an embedded Ray: no autoscaler will add nodes): a plan that
+    asks for more than the cluster has fails at once (ValueError naming the flags) instead of at the
+    start timeout."""
     max_len = min(opts.max_seq_len, cfg.max_position_embeddings)
-    plan = plan or cluster_plan(opts, cfg)
     import ray
 
     nodes = alive_nodes()
@@ -159,7 +158,7 @@ async def serve(opts: ServeOptions) -> int:
     embedded = _init_ray(opts.ray_address)
     cluster = None
     try:
-        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer, embedded, plan)
+        cluster, engine = await asyncio.to_thread(start_cluster, opts, cfg, tokenizer, plan, embedded)
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)
