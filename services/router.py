@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 import torch
 
-from expertmesh.model.moe import Router, combine, returns
+from expertmesh.model.moe import ANY_ORDER_TOP_K, Router, add_rows, combine, returns
 from expertmesh.services import codec
 from expertmesh.services.access import InternalTLS
 from expertmesh.services.expert import ExpertStream
@@ -34,19 +34,30 @@ class RemoteRouter:
     async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             plan, work = self.router.dispatch(layer, x)
-        groups: list[ExpertStream] = self.router.groups
-        calls = asyncio.gather(*(g.forward(layer, *w) for g, w in zip(groups, work) if w))
+
+        async def reply(k: int, group: ExpertStream, rows: torch.Tensor, ids: torch.Tensor):
+            return k, await group.forward(layer, rows, ids)
+
+        calls = [asyncio.ensure_future(reply(k, g, *w)) for k, (g, w) in enumerate(zip(self.router.groups, work)) if w]
         try:
             await asyncio.sleep(0)  # the messages go out first; the bookkeeping runs while the groups compute
             self.router.report(layer, plan)
-            with torch.inference_mode():
+            with torch.inference_mode():  # (never held across an await: the mode is per thread, not per task)
                 back = returns(plan)
-            replies = iter(await calls)
+                out, parts = torch.zeros_like(x), back.split(plan.sizes)
+            if self.router.top_k > ANY_ORDER_TOP_K:  # every reply first, then the sum in group order
+                replies = [y for _, y in await asyncio.gather(*calls)]
+                with torch.inference_mode():
+                    return combine(plan, replies, x, back)
+            for arrived in asyncio.as_completed(calls):  # each group's rows as soon as they are back
+                k, y = await arrived
+                with torch.inference_mode():
+                    add_rows(out, y, parts[k])
+            return out
         except BaseException:
-            calls.cancel()  # no message left in flight for a call that is over
+            for call in calls:
+                call.cancel()  # no message left in flight for a call that is over
             raise
-        with torch.inference_mode():
-            return combine(plan, [next(replies) if w else None for w in work], x, back)
 
     async def close(self) -> None:
         await asyncio.gather(*(g.close() for g in self.router.groups))

@@ -6,6 +6,7 @@ decoder stacks here call them synchronously through `on_loop`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -14,10 +15,13 @@ import torch
 
 from expertmesh.checkpoint import CheckpointReader
 from expertmesh.checkpoint import split_range
+from expertmesh.model.linear import Linear
 from expertmesh.model.load import load_decoder_stack, load_expert_group, load_local_model
+from expertmesh.model.moe import ExpertGroup, Router
 from expertmesh.services import codec
 from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
 from expertmesh.services.internal import EventLoopThread
+from expertmesh.services.router import RemoteRouter
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 from test_parity import make_prompts, our_greedy
 
@@ -89,6 +93,37 @@ def test_remote_expert_groups_give_the_local_output(tiny_ckpt, expert_servers, l
         assert 0 < per_layer_step <= 8 * cfg.num_hidden_layers
         assert max(rows for _, rows in servicer.calls) > 1  # rows of several tokens travel together
     loop.run(router.close())
+
+
+class Delayed:
+    """A local expert group behind an async `forward` that answers after `delay_s`: the test decides
+    the order in which the replies arrive."""
+
+    def __init__(self, group: ExpertGroup, delay_s: float):
+        self.group, self.experts, self.delay_s = group, group.experts, delay_s
+
+    async def forward(self, layer, x, expert_ids):
+        await asyncio.sleep(self.delay_s)
+        return self.group(layer, x, expert_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_the_remote_combine_has_the_local_bits_whichever_reply_arrives_first(top_k, dtype):
+    """With top-2 the router adds each group's rows as they arrive; with more experts per token it
+    waits for every reply. Either way the output is the local router's, bit for bit, with the replies
+    arriving in group order or in reverse."""
+    torch.manual_seed(3)
+    d, i, num_experts, layer = 32, 48, 8, 0
+    groups = [ExpertGroup(experts, {layer: [Linear(torch.randn(2 * i, d).to(dtype)) for _ in experts]},
+                          {layer: [Linear(torch.randn(d, i).to(dtype)) for _ in experts]})
+              for experts in split_range(num_experts, 4, "expert_groups")]
+    gates = {layer: torch.randn(num_experts, d).to(dtype)}
+    x = torch.randn(40, d).to(dtype)
+    want = Router(gates, top_k, groups, num_experts)(layer, x)
+    for delays in ([0.0, 0.01, 0.02, 0.03], [0.03, 0.02, 0.01, 0.0]):
+        remote = RemoteRouter(Router(gates, top_k, [Delayed(g, s) for g, s in zip(groups, delays)], num_experts))
+        assert torch.equal(asyncio.run(remote(layer, x)), want), delays
 
 
 def forward(stub, layer, hidden, ids):

@@ -65,10 +65,16 @@ def route(x: torch.Tensor, gate: torch.Tensor, top_k: int) -> tuple[torch.Tensor
 class Dispatch:
     """Which rows go to which group. Rows are (token, choice) pairs of the flattened [T*A] routing."""
 
-    rows: list[torch.Tensor]  # per group: [N_g] indices into T*A, sorted by expert then token
+    order: torch.Tensor  # [T*A] every row: by group, within a group by expert, then token
+    sizes: list[int]  # rows of each group: `order` split by these is each group's batch
     tokens: torch.Tensor  # [T*A] token of each row
     experts: torch.Tensor  # [T*A] expert of each row
     weights: torch.Tensor  # [T*A] fp32 routing weight of each row
+
+    @property
+    def rows(self) -> list[torch.Tensor]:
+        """Per group, its rows: [N_g] indices into T*A (views of `order`)."""
+        return list(self.order.split(self.sizes))
 
 
 def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert: torch.Tensor,
@@ -77,14 +83,14 @@ def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert:
     t, a = experts.shape
     flat_experts = experts.reshape(-1)  # [T*A]
     tokens = torch.arange(t, device=experts.device).repeat_interleave(a)  # [T*A]
-    # Sort by expert, stable so rows of one expert keep token order (as the reference does).
-    order = torch.sort(flat_experts, stable=True).indices
-    if num_groups == 1:  # every row: no mask, and on a GPU no wait for its size
-        rows = [order]
-    else:
-        groups_sorted = group_of_expert[flat_experts[order]]
-        rows = [order[groups_sorted == g] for g in range(num_groups)]
-    return Dispatch(rows=rows, tokens=tokens, experts=flat_experts, weights=weights.reshape(-1))
+    # Stable sorts, so rows of one expert keep token order (as the reference does).
+    if num_groups == 1:  # no group key, and on a GPU no wait for the sizes
+        order, sizes = torch.sort(flat_experts, stable=True).indices, [t * a]
+    else:  # one sort by (group, expert): every group's rows are one slice
+        groups = group_of_expert[flat_experts]
+        order = torch.sort(groups * group_of_expert.numel() + flat_experts, stable=True).indices
+        sizes = torch.bincount(groups, minlength=num_groups).tolist()
+    return Dispatch(order=order, sizes=sizes, tokens=tokens, experts=flat_experts, weights=weights.reshape(-1))
 
 
 HOST_PLAN_ROWS = 16
@@ -102,7 +108,9 @@ def plan_dispatch_small(weights: torch.Tensor, experts: torch.Tensor, group_of_e
     by_group: list[list[int]] = [[] for _ in range(num_groups)]
     for i in sorted(range(t * a), key=ids.__getitem__):
         by_group[group_of_expert[ids[i]]].append(i)
-    return Dispatch(rows=[torch.tensor(r, dtype=torch.long, device=experts.device) for r in by_group],
+    return Dispatch(order=torch.tensor(list(itertools.chain.from_iterable(by_group)), dtype=torch.long,
+                                       device=experts.device),
+                    sizes=[len(r) for r in by_group],
                     tokens=torch.tensor([i // a for i in range(t * a)], device=experts.device), experts=flat,
                     weights=weights.reshape(-1))
 
@@ -115,11 +123,25 @@ class Returns:
     tokens: torch.Tensor  # [N] token of each row
     weights: torch.Tensor  # [N, 1] fp32 routing weight of each row
 
+    def split(self, sizes: Sequence[int]) -> list[Returns]:
+        """Per group (`Dispatch.sizes`), where its rows go back."""
+        return [Returns(t, w) for t, w in zip(self.tokens.split(sizes), self.weights.split(sizes))]
+
 
 def returns(dispatch: Dispatch) -> Returns:
-    rows = [r for r in dispatch.rows if r.numel()]
-    rows = rows[0] if len(rows) == 1 else torch.cat(rows)
-    return Returns(tokens=dispatch.tokens[rows], weights=dispatch.weights[rows, None])
+    return Returns(tokens=dispatch.tokens[dispatch.order], weights=dispatch.weights[dispatch.order, None])
+
+
+ANY_ORDER_TOP_K = 2
+"""With at most this many experts per token, the groups' rows may be added in any order with the same
+bits: from zero, a token's (0 + a) + b and (0 + b) + a are both a + b. A remote router then adds each
+group's rows as they arrive (`add_rows`), and only the last group's wait for the last reply."""
+
+
+def add_rows(out: torch.Tensor, y: torch.Tensor, back: Returns) -> None:
+    """Add rows y: [N, D] into out: [T, D], each scaled in fp32 by its weight and cast first (as the
+    reference), a token's rows in row order."""
+    out.index_add_(0, back.tokens, (y * back.weights).to(out.dtype))
 
 
 def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: torch.Tensor,
@@ -134,9 +156,9 @@ def combine(dispatch: Dispatch, outputs: Sequence[torch.Tensor | None], like: to
     ys = [y for y in outputs if y is not None]
     if not ys:
         return torch.zeros_like(like)
-    back = back or returns(dispatch)
-    y = ys[0] if len(ys) == 1 else torch.cat(ys)
-    return torch.zeros_like(like).index_add_(0, back.tokens, (y * back.weights).to(like.dtype))
+    out = torch.zeros_like(like)
+    add_rows(out, ys[0] if len(ys) == 1 else torch.cat(ys), back or returns(dispatch))
+    return out
 
 
 class ExpertGroup:
@@ -221,7 +243,9 @@ class Router:
             plan = plan_dispatch_small(weights, experts, self._group_of_expert, len(self.groups))
         else:
             plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
-        return plan, [(x[plan.tokens[rows]], plan.experts[rows]) if rows.numel() else None for rows in plan.rows]
+        xs, ids = x[plan.tokens[plan.order]], plan.experts[plan.order]  # one gather; each group's rows a slice
+        return plan, [(xg, eg) if n else None for xg, eg, n in zip(xs.split(plan.sizes), ids.split(plan.sizes),
+                                                                     plan.sizes)]
 
     def report(self, layer: int, plan: Dispatch) -> None:
         """Show one layer's routing decision to `observe`, if any."""
