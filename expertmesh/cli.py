@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget of one step (longer prompts prefill in chunks); at least --max-batch-size")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per component")
     p.add_argument("--attention-threads", type=int,
-                   help="torch CPU threads of an attention shard for steps of 32 tokens or more, which run while "
-                        "the expert groups wait (default: --threads); see docs/operations.md")
+                   help="torch CPU threads of an attention shard's layers in steps of 32 tokens or more, which run "
+                        "while the expert groups wait (default: the node's cores, at most 8); see docs/operations.md")
     p.add_argument("--head-threads", type=int,
                    help="torch CPU threads of the last attention shard's LM head, which runs while every other "
                         "component waits (default: the node's cores, at most 8)")

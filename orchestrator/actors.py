@@ -36,8 +36,9 @@ class RuntimeOptions:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's dtype on CUDA
     threads: int = 1  # torch CPU threads per component (see _setup)
-    # An attention shard's torch threads for steps of PARALLEL_STEP_TOKENS tokens or more (its layers
-    # run while every expert group waits); None: `threads`. Smaller steps always use `threads`.
+    # An attention shard's torch threads for the layers of steps of PARALLEL_STEP_TOKENS tokens or more
+    # (they run while every expert group waits); None: on CPU this node's cores, at most
+    # HEAD_THREADS_MAX, else `threads`. Smaller steps, and the MoE calls, always use `threads`.
     attention_threads: int | None = None
     # The last shard's threads for the LM head, which runs while every other component waits; None:
     # on CPU this node's cores, at most HEAD_THREADS_MAX (services/attention.py).
@@ -264,10 +265,10 @@ class AttentionShardComponent:
             moe = remote_router(reader, stack.layers, router, options)
             metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
             moe = metrics.metered(moe) if metrics else moe
+        cores = _cores(options.threads) if options.device == "cpu" else None
         servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name, threads=options.threads,
-                                     parallel_threads=options.attention_threads,
-                                     head_threads=options.head_threads or (
-                                         _cores(options.threads) if options.device == "cpu" else None))
+                                     parallel_threads=options.attention_threads or cores,
+                                     head_threads=options.head_threads or cores)
         return await serve_attention(servicer, f"{host}:0", tls=options.tls())
 
     def address(self) -> str:

@@ -32,15 +32,17 @@ HEAD_THREADS_MAX = 8
 until the next step), so by default it takes the node's cores, up to this many. On 2 cores, small
 preset (a [32000, 512] fp32 head), 32 rows: 21-22 ms on 1 thread, 12-13 ms on 2
 (`benchmarks/bench_linear.py`); a single row takes the matrix-vector path, 4-5 ms on either.
-Component processes run OpenMP with a passive wait policy (`orchestrator/cluster.py`), so the team
-sleeps once the head is done instead of spinning on the cores the next step needs."""
+Component processes run OpenMP with a short spin (`orchestrator/cluster.py`), so the team sleeps
+about 0.3 ms after the head instead of spinning on the cores the next step needs."""
 
 PARALLEL_STEP_TOKENS = 32
 """Steps of at least this many tokens run a shard's layers on `parallel_threads` torch threads. The
 expert groups wait while a shard computes, so its cores are free; but an OpenMP team costs more than
 it saves on a few rows (small preset, one layer's attention on 2 cores, 1 vs 2 threads: 0.70 vs 0.55 ms
 at 1 token, 1.03 vs 1.13 ms at 16, 2.82 vs 1.87 ms at 32; in the cluster at concurrency 1, 2 threads
-were no faster), so smaller steps, decoding at low load, keep `threads`."""
+were no faster), so smaller steps, decoding at low load, keep `threads`. The MoE calls between the
+layers (routing, the messages, the combine) always keep `threads`: while they wait, the groups have the
+cores, and a team woken for the routing's small kernels would spin on them."""
 
 
 class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
@@ -78,7 +80,6 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         for rid in request.released:
             self.sampler.release(rid)
         batch = self._batch(request.seqs)
-        _use_threads(self.parallel_threads if batch.num_tokens >= PARALLEL_STEP_TOKENS else self.threads)
         if self.stack.first:
             if len(request.token_ids) != batch.num_tokens:
                 raise ValueError(f"token_ids: {len(request.token_ids)} ids for {batch.num_tokens} step tokens")
@@ -88,7 +89,9 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         else:
             inputs = codec.decode(request.hidden, "hidden", self.stack.dtype,
                                   (batch.num_tokens, self.stack.cfg.hidden_size), self.stack.device)
-        out = await self._forward(batch, inputs)
+        layer_threads = self.parallel_threads if batch.num_tokens >= PARALLEL_STEP_TOKENS else self.threads
+        _use_threads(layer_threads)
+        out = await self._forward(batch, inputs, layer_threads)
         if not self.stack.last:
             return attention_pb2.StepResponse(hidden=codec.encode(out))
         rows = [i for i, s in enumerate(request.seqs) if s.sample]
@@ -99,14 +102,15 @@ class AttentionServicer(attention_pb2_grpc.AttentionServiceServicer):
         ids = self.sampler(logits, [s.request_id for s in seqs], [sampling_from_pb(s.sampling) for s in seqs])
         return attention_pb2.StepResponse(next_token_ids=ids)
 
-    async def _forward(self, batch: StepBatch, inputs: torch.Tensor) -> torch.Tensor:
+    async def _forward(self, batch: StepBatch, inputs: torch.Tensor, layer_threads: int | None) -> torch.Tensor:
         steps = self.stack.steps(batch, inputs)
         try:
             layer, x = next(steps)
             while True:
+                _use_threads(self.threads)  # routing and combine: the expert groups have the cores
                 y = await self.moe(layer, x)
-                if layer == self._last_layer:  # what the stack computes next is the head, if it has one
-                    _use_threads(self.head_threads)
+                # what the stack computes next: the head (if it has one) after the last layer, else attention
+                _use_threads(self.head_threads if layer == self._last_layer else layer_threads)
                 layer, x = steps.send(y)
         except StopIteration as done:
             return done.value

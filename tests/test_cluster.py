@@ -104,6 +104,7 @@ def test_components_start_with_their_environment_and_groups_never_preempt_on_wak
             environ = dict(kv.split("=", 1) for kv in
                            Path(f"/proc/{info['pid']}/environ").read_text().split("\0") if "=" in kv)
             assert environ["GRPC_EXPERIMENTS"] == COMPONENT_ENV["GRPC_EXPERIMENTS"]
+            assert environ["GOMP_SPINCOUNT"] == COMPONENT_ENV["GOMP_SPINCOUNT"]
             assert environ["OMP_WAIT_POLICY"] == "ACTIVE"
         for kind, policy in (("groups", os.SCHED_BATCH), ("shards", os.SCHED_OTHER)):
             for info in placed[kind]:

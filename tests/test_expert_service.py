@@ -245,19 +245,29 @@ def test_component_without_ray_serves_with_or_without_metrics(tiny_ckpt, metrics
 
 
 def test_attention_shard_takes_more_threads_for_large_steps_and_the_head(tiny_ckpt, loop):
-    """Its layers run while the expert groups wait: steps of PARALLEL_STEP_TOKENS tokens or more get
-    `parallel_threads`, smaller ones `threads` (as the MoE, called mid-step, sees them). The LM head,
-    which runs while every other component waits, gets `head_threads` at every step size."""
+    """Its layers run while the expert groups wait: in steps of PARALLEL_STEP_TOKENS tokens or more
+    they get `parallel_threads`, in smaller ones `threads`. The MoE calls between them, while which the
+    groups compute, always get `threads`. The LM head, which runs while every other component waits,
+    gets `head_threads` at every step size."""
     from expertmesh.services.attention import PARALLEL_STEP_TOKENS, AttentionServicer
     from expertmesh.v1 import attention_pb2
 
     stack = load_local_model(CheckpointReader(tiny_ckpt), 2, 64, torch.float32)
-    local_moe, seen, head_seen = stack.moe, [], []
+    local_moe, seen, attention_seen, head_seen = stack.moe, [], [], []
     head = stack.lm_head
 
     async def moe(layer, x):
-        seen.append((x.shape[0], torch.get_num_threads()))
+        seen.append(torch.get_num_threads())
         return local_moe(layer, x)
+
+    def recorded(linear):
+        def qkv(x):
+            attention_seen.append((x.shape[0], torch.get_num_threads()))
+            return linear(x)
+        return qkv
+
+    for weights in stack.layers.values():
+        weights.wqkv = recorded(weights.wqkv)
 
     def lm_head(x):
         head_seen.append(torch.get_num_threads())
@@ -275,7 +285,9 @@ def test_attention_shard_takes_more_threads_for_large_steps_and_the_head(tiny_ck
     finally:
         torch.set_num_threads(threads)
     expected = {PARALLEL_STEP_TOKENS: 2, 3: 1, 1: 1, PARALLEL_STEP_TOKENS + 5: 2}
-    assert seen and all(n == expected[rows] for rows, n in seen), seen
+    assert len(attention_seen) == 4 * len(stack.layers)
+    assert all(n == expected[rows] for rows, n in attention_seen), attention_seen
+    assert seen == [1] * 4 * len(stack.layers)
     assert head_seen == [3] * 4
 
 
