@@ -44,11 +44,12 @@ class RemoteRouter:
             self.router.report(layer, plan)
             with torch.inference_mode():  # (never held across an await: the mode is per thread, not per task)
                 back = returns(plan)
-                out, parts = torch.zeros_like(x), back.split(plan.sizes)
             if self.router.top_k > ANY_ORDER_TOP_K:  # every reply first, then the sum in group order
                 replies = [y for _, y in await asyncio.gather(*calls)]
                 with torch.inference_mode():
                     return combine(plan, replies, x, back)
+            with torch.inference_mode():
+                out, parts = torch.zeros_like(x), back.split(plan.sizes)
             for arrived in asyncio.as_completed(calls):  # each group's rows as soon as they are back
                 k, y = await arrived
                 with torch.inference_mode():
