@@ -32,7 +32,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
                  metrics: ExpertMetrics | None = None, name: str = "0", replica: str = "0"):
         self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
-        self.metrics, self.labels = metrics, (name, replica)
+        # this group's series, looked up once instead of per message
+        self._series = (metrics.forward.labels(name, replica), metrics.rows.labels(name, replica)) if metrics else None
 
     async def Forward(self, request, context):
         return self.forward(request)
@@ -62,9 +63,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         return expert_pb2.ExpertForwardResponse(hidden=codec.encode(y)), x.shape[0]
 
     def _observe(self, seconds: float, rows: int) -> None:
-        if self.metrics is not None:
-            self.metrics.forward.labels(*self.labels).observe(seconds)
-            self.metrics.rows.labels(*self.labels).observe(rows)
+        if self._series is not None:
+            self._series[0].observe(seconds)
+            self._series[1].observe(rows)
 
 
 async def serve_experts(servicer: ExpertServicer, address: str = "127.0.0.1:0",

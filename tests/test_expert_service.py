@@ -179,6 +179,11 @@ def test_codec_round_trips_every_dtype():
     for dtype in codec.DTYPES.values():
         t = (torch.randn(4, 3) * 100).to(dtype)
         assert torch.equal(codec.decode(codec.encode(t), "t", dtype, (4, None)), t)
+        for view in (t.t(), t[:, 1:]):  # strided views travel as their elements in C order
+            assert not view.is_contiguous()
+            assert torch.equal(codec.decode(codec.encode(view), "t", dtype, tuple(view.shape)), view)
+    grad = torch.randn(2, 3, requires_grad=True)
+    assert torch.equal(codec.decode(codec.encode(grad), "t", torch.float32, (2, 3)), grad.detach())
     assert codec.decode(codec.encode(torch.empty(0, 5)), "t").shape == (0, 5)
 
 
