@@ -32,8 +32,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     def __init__(self, group: ExpertGroup, hidden_size: int, dtype: torch.dtype, device: str = "cpu",
                  metrics: ExpertMetrics | None = None, name: str = "0", replica: str = "0"):
         self.group, self.hidden_size, self.dtype, self.device = group, hidden_size, dtype, device
-        # this group's series, looked up once instead of per message
-        self._series = (metrics.forward.labels(name, replica), metrics.rows.labels(name, replica)) if metrics else None
+        self._series = None  # this group's metric series, looked up once instead of per message
+        if metrics is not None:
+            self._series = (metrics.forward.labels(name, replica), metrics.rows.labels(name, replica))
 
     async def Forward(self, request, context):
         return self.forward(request)
