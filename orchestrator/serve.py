@@ -58,7 +58,7 @@ class ServeOptions:
     max_tokens_per_step: int = 4096
     internal_tls: tuple[str, str, str] | None = None  # mutual TLS between components: CA, cert, key paths
     threads: int = 1
-    attention_threads: int | None = None  # for an attention shard's steps of 32+ tokens; None: the node's cores, at most 8
+    attention_threads: int | None = None  # an attention shard's layers in steps of 32+ tokens; None: cores, at most 8
     head_threads: int | None = None  # for the LM head; None: the node's cores, at most 8
     metrics_port: int | None = None
     grace_s: float = 10.0

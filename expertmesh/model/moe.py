@@ -14,6 +14,7 @@ I = expert hidden size.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ class Dispatch:
         """Per group, its rows: [N_g] indices into T*A (views of `order`)."""
         return list(self.order.split(self.sizes))
 
+    @functools.cached_property
+    def row_tokens(self) -> torch.Tensor:
+        """[T*A] token of each row in `order`: where the dispatch gathers it from and the combine adds it
+        back (one gather for both)."""
+        return self.tokens[self.order]
+
 
 def plan_dispatch(weights: torch.Tensor, experts: torch.Tensor, group_of_expert: torch.Tensor,
                   num_groups: int) -> Dispatch:
@@ -129,7 +136,7 @@ class Returns:
 
 
 def returns(dispatch: Dispatch) -> Returns:
-    return Returns(tokens=dispatch.tokens[dispatch.order], weights=dispatch.weights[dispatch.order, None])
+    return Returns(tokens=dispatch.row_tokens, weights=dispatch.weights[dispatch.order, None])
 
 
 ANY_ORDER_TOP_K = 2
@@ -243,7 +250,7 @@ class Router:
             plan = plan_dispatch_small(weights, experts, self._group_of_expert, len(self.groups))
         else:
             plan = plan_dispatch(weights, experts, self.group_of_expert, len(self.groups))
-        xs, ids = x[plan.tokens[plan.order]], plan.experts[plan.order]  # one gather; each group's rows a slice
+        xs, ids = x[plan.row_tokens], plan.experts[plan.order]  # one gather; each group's rows a slice
         return plan, [(xg, eg) if n else None for xg, eg, n in zip(xs.split(plan.sizes), ids.split(plan.sizes),
                                                                      plan.sizes)]
 
