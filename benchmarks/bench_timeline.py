@@ -1,6 +1,6 @@
 """Where one layer's MoE goes in the cluster: a per-layer timeline, every component's clock at once.
 
-Probes wrap three calls in every component process (installed through Ray's worker setup hook, so the
+Probes wrap calls in every component process (installed through Ray's worker setup hook, so the
 cluster's code runs unchanged): the router's whole layer (`RemoteRouter.__call__`), each group
 message as the router sees it (`ExpertStream.forward`: encode, send, wait, decode) and each group's
 handler (`ExpertServicer._forward`: decode, the experts, encode). All on this host's monotonic clock,
@@ -8,8 +8,9 @@ so the stamps of different processes line up. Per decode layer the script splits
 into: routing (start to the first send), the sends (first to last), delivery (a send to its group's
 handler starting), the handler, the reply (handler end to the router having the rows back) and the
 tail (last reply to the combined output), plus how long one / two groups computed at once and the
-time between layers (the shard's attention, and the hop between shards). The single-process engine's
-MoE per layer is timed in the same run for scale.
+time between layers (the shard's attention). A fourth probe times each shard's whole step, and the
+driver times its own, which splits a decode step into the shards' MoE, the rest of their work, and the
+hops. The single-process engine's step and MoE are timed in the same run for scale.
 
     python benchmarks/bench_timeline.py --model DIR [--concurrency 1 8 32] [--seconds 15]
         [--router inline|service]
@@ -45,7 +46,7 @@ def install_probes(out_dir: str):
     """The worker setup hook: wraps the three calls in this process; records go to out_dir/<pid>.txt."""
 
     def hook() -> None:
-        from expertmesh.services import expert, router
+        from expertmesh.services import attention, expert, router
 
         records: list[str] = []
 
@@ -80,7 +81,17 @@ def install_probes(out_dir: str):
             record(f"layer {os.getpid()} {layer} {start:.7f} {time.perf_counter():.7f} {x.shape[0]}")
             return y
 
+        step = attention.AttentionServicer.step
+
+        async def timed_step(self, request):
+            start = time.perf_counter()
+            reply = await step(self, request)
+            tokens = sum(s.q_len for s in request.seqs)
+            record(f"step {min(self.stack.layers)} 0 {start:.7f} {time.perf_counter():.7f} {tokens}")
+            return reply
+
         expert.ExpertServicer._forward = timed_handler
+        attention.AttentionServicer.step = timed_step
         expert.ExpertStream.forward = timed_send
         router.RemoteRouter.__call__ = timed_layer
 
@@ -161,34 +172,83 @@ def _overlap(spans: list[tuple[float, float]]) -> tuple[float, float]:
     return one, two
 
 
-def engine_moe_seconds(engine: Engine, concurrency: int, seconds: float) -> list[float]:
-    """The engine's MoE call per layer of `concurrency` tokens, decoding for about `seconds`."""
-    stack = engine.runner.stack
-    moe, times = stack.moe, []
+def step_budget(kinds: dict[str, list[tuple]], driver_steps: list[tuple[float, float]],
+                tokens: int) -> dict[str, list[float]]:
+    """Per decode step of `tokens` tokens: the driver's whole step, each shard's step and the MoE
+    layers inside it, and what the step spends outside the shards (the hops and the driver)."""
+    shards = defaultdict(list)  # first layer -> [(start, end)] of its steps
+    for first_layer, _, start, end, rows in kinds["step"]:
+        if rows == tokens:
+            shards[first_layer].append((start, end))
+    shard_starts = {k: [a for a, _ in steps] for k, steps in shards.items()}
+    layers = [(start, end) for _, _, start, end, rows in kinds["layer"] if rows == tokens]
+    layer_starts = [start for start, _ in layers]
+    budget = defaultdict(list)
+    for start, end in driver_steps:
+        inside = []  # (first layer, (start, end)) of each shard's part of this step
+        for k in sorted(shards):
+            i = bisect.bisect_left(shard_starts[k], start)
+            if i < len(shards[k]) and shards[k][i][1] <= end:
+                inside.append((k, shards[k][i]))
+        if not inside or len(inside) != len(shards):
+            continue  # a shard's record not flushed yet
+        budget["the driver's step, whole"].append(end - start)
+        for k, (a, b) in inside:
+            moe = sum(e - s for s, e in layers[bisect.bisect_left(layer_starts, a):bisect.bisect_left(layer_starts, b)])
+            budget[f"  shard from layer {k}: its step"].append(b - a)
+            budget[f"    shard from layer {k}: its layers' MoE"].append(moe)
+            budget[f"    shard from layer {k}: the rest (embedding, attention, head, sampling)"].append(b - a - moe)
+        budget["  outside the shards (the hops, the driver)"].append(end - start - sum(b - a for _, (a, b) in inside))
+    return budget
 
-    def timed(layer, x):
+
+def timed_steps(engine: Engine, concurrency: int, seconds: float, moe_seconds: list[float] | None = None
+                ) -> list[tuple[float, float]]:
+    """Decode for about `seconds`; the (start, end) of every step of `concurrency` tokens. With
+    `moe_seconds` (a local engine), also each of its steps' MoE time, summed over the layers."""
+    runner, steps = engine.runner, []
+    run, stack = runner.run, getattr(runner, "stack", None)
+    moe, inside = (stack.moe if stack else None), [0.0]
+
+    def timed_moe(layer, x):
         start = time.perf_counter()
         y = moe(layer, x)
-        if x.shape[0] == concurrency:
-            times.append(time.perf_counter() - start)
+        inside[0] += time.perf_counter() - start
         return y
 
-    stack.moe = timed
+    def timed_run(plan):
+        inside[0], start = 0.0, time.perf_counter()
+        ids = run(plan)
+        if len(plan.token_ids) == concurrency:
+            steps.append((start, time.perf_counter()))
+            if moe_seconds is not None:
+                moe_seconds.append(inside[0])
+        return ids
+
+    runner.run = timed_run
+    if moe_seconds is not None:
+        stack.moe = timed_moe
     try:
         _drive(engine, concurrency, seconds)
     finally:
-        stack.moe = moe
-    return times
+        del runner.run
+        if moe_seconds is not None:
+            stack.moe = moe
+    return steps
 
 
-def _drive(engine: Engine, concurrency: int, seconds: float) -> float:
-    """Decode batches of `concurrency` requests for about `seconds`; the last batch's decode tokens/s."""
-    deadline, tps = time.monotonic() + seconds, float("nan")
+def _drive(engine: Engine, concurrency: int, seconds: float) -> None:
+    """Decode batches of `concurrency` requests for about `seconds`."""
+    deadline = time.monotonic() + seconds
     for _ in range(1000):  # bounded whatever the clock says
-        tps = measure(engine, make_requests(concurrency, 32, 64))["decode_tps"]
+        measure(engine, make_requests(concurrency, 32, 64))
         if time.monotonic() > deadline:
             break
-    return tps
+
+
+def _rows(values: dict[str, list[float]]) -> None:
+    for name, v in values.items():
+        print(f"| {name} | {statistics.median(v) * 1e3:.3f} | {statistics.fmean(v) * 1e3:.3f} |")
 
 
 def main() -> None:
@@ -216,21 +276,26 @@ def main() -> None:
     remote = Engine(cluster.runner(), local.tokenizer, local.cfg, Scheduler(slots, 96))
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; cluster: 2 attention shards x 4 expert groups, "
           f"router {args.router}; prompt 32, 64 new tokens, greedy float32; {args.seconds:.0f} s per concurrency "
-          "and side; milliseconds per decode layer\n")
+          "and side\n")
     for c in args.concurrency:
         for path in glob.glob(os.path.join(out_dir, "*.txt")):
             os.remove(path)
         measure(remote, make_requests(c, 32, 4))  # warm-up
-        cluster_tps = _drive(remote, c, args.seconds)
-        phases = layer_phases(load(out_dir), c)
-        engine_moe = engine_moe_seconds(local, c, args.seconds / 3)
-        n = len(phases["the layer's MoE, whole"])
-        print(f"concurrency {c}: {n} layers recorded; decode tok/s of the last batch: cluster {cluster_tps:.1f}\n")
-        print("| phase | p50 ms | mean ms |\n|---|---|---|")
-        for name, values in phases.items():
-            print(f"| {name} | {statistics.median(values) * 1e3:.3f} | {statistics.fmean(values) * 1e3:.3f} |")
-        print(f"| engine: the layer's MoE, whole (2 threads, one process) | {statistics.median(engine_moe) * 1e3:.3f} "
-              f"| {statistics.fmean(engine_moe) * 1e3:.3f} |\n", flush=True)
+        steps = timed_steps(remote, c, args.seconds)
+        kinds = load(out_dir)
+        phases, budget = layer_phases(kinds, c), step_budget(kinds, steps, c)
+        engine_moe: list[float] = []
+        engine_steps = timed_steps(local, c, args.seconds / 3, engine_moe)
+        layers, whole = len(phases["the layer's MoE, whole"]), len(budget["the driver's step, whole"])
+        print(f"concurrency {c}: {layers} layers and {whole} steps recorded\n")
+        print("| a decode layer's MoE | p50 ms | mean ms |\n|---|---|---|")
+        _rows(phases)
+        print("\n| a decode step | p50 ms | mean ms |\n|---|---|---|")
+        _rows(budget)
+        _rows({"engine: its step, whole (2 threads, one process)": [b - a for a, b in engine_steps],
+               "  its layers' MoE": engine_moe,
+               "  its layers' MoE, one layer": [m / local.cfg.num_hidden_layers for m in engine_moe]})
+        print(flush=True)
     cluster.shutdown()
     ray.shutdown()
 
