@@ -202,37 +202,41 @@ def step_budget(kinds: dict[str, list[tuple]], driver_steps: list[tuple[float, f
     return budget
 
 
-def timed_steps(engine: Engine, concurrency: int, seconds: float, moe_seconds: list[float] | None = None
+def timed_steps(engine: Engine, concurrency: int, seconds: float, parts: dict[str, list[float]] | None = None
                 ) -> list[tuple[float, float]]:
     """Decode for about `seconds`; the (start, end) of every step of `concurrency` tokens. With
-    `moe_seconds` (a local engine), also each of its steps' MoE time, summed over the layers."""
+    `parts` (a local engine), also each step's MoE time summed over the layers, and the time between
+    one layer's MoE and the next's (that layer's attention)."""
     runner, steps = engine.runner, []
     run, stack = runner.run, getattr(runner, "stack", None)
-    moe, inside = (stack.moe if stack else None), [0.0]
+    moe, calls = (stack.moe if stack else None), []  # (start, end) of this step's MoE calls
 
     def timed_moe(layer, x):
         start = time.perf_counter()
         y = moe(layer, x)
-        inside[0] += time.perf_counter() - start
+        calls.append((start, time.perf_counter()))
         return y
 
     def timed_run(plan):
-        inside[0], start = 0.0, time.perf_counter()
+        calls.clear()
+        start = time.perf_counter()
         ids = run(plan)
         if len(plan.token_ids) == concurrency:
             steps.append((start, time.perf_counter()))
-            if moe_seconds is not None:
-                moe_seconds.append(inside[0])
+            if parts is not None:
+                parts["  its layers' MoE"].append(sum(b - a for a, b in calls))
+                parts["  its layers' MoE, one layer"].extend(b - a for a, b in calls)
+                parts["  between layers (attention)"].extend(c[0] - p[1] for p, c in zip(calls, calls[1:]))
         return ids
 
     runner.run = timed_run
-    if moe_seconds is not None:
+    if parts is not None:
         stack.moe = timed_moe
     try:
         _drive(engine, concurrency, seconds)
     finally:
         del runner.run
-        if moe_seconds is not None:
+        if parts is not None:
             stack.moe = moe
     return steps
 
@@ -284,17 +288,15 @@ def main() -> None:
         steps = timed_steps(remote, c, args.seconds)
         kinds = load(out_dir)
         phases, budget = layer_phases(kinds, c), step_budget(kinds, steps, c)
-        engine_moe: list[float] = []
-        engine_steps = timed_steps(local, c, args.seconds / 3, engine_moe)
+        engine = defaultdict(list)
+        engine_steps = timed_steps(local, c, args.seconds / 3, engine)
         layers, whole = len(phases["the layer's MoE, whole"]), len(budget["the driver's step, whole"])
         print(f"concurrency {c}: {layers} layers and {whole} steps recorded\n")
         print("| a decode layer's MoE | p50 ms | mean ms |\n|---|---|---|")
         _rows(phases)
         print("\n| a decode step | p50 ms | mean ms |\n|---|---|---|")
         _rows(budget)
-        _rows({"engine: its step, whole (2 threads, one process)": [b - a for a, b in engine_steps],
-               "  its layers' MoE": engine_moe,
-               "  its layers' MoE, one layer": [m / local.cfg.num_hidden_layers for m in engine_moe]})
+        _rows({"engine: its step, whole (2 threads, one process)": [b - a for a, b in engine_steps], **engine})
         print(flush=True)
     cluster.shutdown()
     ray.shutdown()
