@@ -1,4 +1,4 @@
-"""Where one layer's MoE goes in the cluster: a per-layer timeline, every component's clock at once.
+"""Where a decode step goes in the cluster: a timeline of every layer, every component's clock at once.
 
 Probes wrap calls in every component process (installed through Ray's worker setup hook, so the
 cluster's code runs unchanged): the router's whole layer (`RemoteRouter.__call__`), each group
@@ -43,7 +43,8 @@ FLUSH_EVERY = 512  # records a process keeps before appending them to its file
 
 
 def install_probes(out_dir: str):
-    """The worker setup hook: wraps the three calls in this process; records go to out_dir/<pid>.txt."""
+    """The worker setup hook: wraps the four probed calls in this process; records go to
+    out_dir/<pid>.txt. Groups are told apart by their first expert (no replicas in this benchmark)."""
 
     def hook() -> None:
         from expertmesh.services import attention, expert, router
