@@ -175,7 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         internal_tls=_internal_tls(args),
         threads=args.threads, attention_threads=args.attention_threads, head_threads=args.head_threads,
         grace_s=args.grace,
-        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token, auth_token_file=args.auth_token_file)
+        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token,
+        auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
     try:
         return asyncio.run(serve(opts))
