@@ -10,7 +10,8 @@ handler starting), the handler, the reply (handler end to the router having the 
 tail (last reply to the combined output), plus how long one / two groups computed at once and the
 time between layers (the shard's attention). A fourth probe times each shard's whole step, and the
 driver times its own, which splits a decode step into the shards' MoE, the rest of their work, and the
-hops. The single-process engine's step and MoE are timed in the same run for scale.
+hops (with `--router service` a layer's MoE is timed in the router, so a shard's rest includes its
+round trips to the router). The single-process engine's step and MoE are timed in the same run for scale.
 
     python benchmarks/bench_timeline.py --model DIR [--concurrency 1 8 32] [--seconds 15]
         [--router inline|service]
@@ -39,7 +40,8 @@ from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.presets import write_preset
 from expertmesh.scheduler import Scheduler
 
-FLUSH_EVERY = 512  # records a process keeps before appending them to its file
+FLUSH_EVERY = 512  # records a process keeps before appending them to its file,
+FLUSH_AFTER_S = 1.0  # or for at most this long (a shard with its router as a service records once a step)
 
 
 def install_probes(out_dir: str):
@@ -50,13 +52,15 @@ def install_probes(out_dir: str):
         from expertmesh.services import attention, expert, router
 
         records: list[str] = []
+        flushed = [time.monotonic()]
 
         def record(line: str) -> None:
             records.append(line)
-            if len(records) >= FLUSH_EVERY:
+            if len(records) >= FLUSH_EVERY or time.monotonic() - flushed[0] > FLUSH_AFTER_S:
                 with open(os.path.join(out_dir, f"{os.getpid()}.txt"), "a") as f:
                     f.write("\n".join(records) + "\n")
                 records.clear()
+                flushed[0] = time.monotonic()
 
         handler = expert.ExpertServicer._forward
 
@@ -184,22 +188,34 @@ def step_budget(kinds: dict[str, list[tuple]], driver_steps: list[tuple[float, f
     shard_starts = {k: [a for a, _ in steps] for k, steps in shards.items()}
     layers = [(start, end) for _, _, start, end, rows in kinds["layer"] if rows == tokens]
     layer_starts = [start for start, _ in layers]
-    budget = defaultdict(list)
+    found = []  # per driver step: [(first layer, (start, end), MoE spans inside)] of each shard's part
     for start, end in driver_steps:
-        inside = []  # (first layer, (start, end)) of each shard's part of this step
+        inside = []
         for k in sorted(shards):
             i = bisect.bisect_left(shard_starts[k], start)
             if i < len(shards[k]) and shards[k][i][1] <= end:
-                inside.append((k, shards[k][i]))
-        if not inside or len(inside) != len(shards):
-            continue  # a shard's record not flushed yet
+                a, b = shards[k][i]
+                first, last = bisect.bisect_left(layer_starts, a), bisect.bisect_left(layer_starts, b)
+                spans = [(s, e) for s, e in layers[first:last] if e <= b]
+                inside.append((k, (a, b), spans))
+        if inside and len(inside) == len(shards):
+            found.append((start, end, inside))
+    # A shard's step counts only with every one of its layers recorded (the last records of each
+    # process may not have been written yet).
+    layers_per_shard = {k: max((len(spans) for *_, parts in found for j, _, spans in parts if j == k), default=0)
+                        for k in shards}
+    budget = defaultdict(list)
+    for start, end, inside in found:
+        if any(len(spans) != layers_per_shard[k] for k, _, spans in inside):
+            continue
         budget["the driver's step, whole"].append(end - start)
-        for k, (a, b) in inside:
-            moe = sum(e - s for s, e in layers[bisect.bisect_left(layer_starts, a):bisect.bisect_left(layer_starts, b)])
+        for k, (a, b), spans in inside:
+            moe = sum(e - s for s, e in spans)
             budget[f"  shard from layer {k}: its step"].append(b - a)
             budget[f"    shard from layer {k}: its layers' MoE"].append(moe)
             budget[f"    shard from layer {k}: the rest (embedding, attention, head, sampling)"].append(b - a - moe)
-        budget["  outside the shards (the hops, the driver)"].append(end - start - sum(b - a for _, (a, b) in inside))
+        shards_time = sum(b - a for _, (a, b), _ in inside)
+        budget["  outside the shards (the hops, the driver)"].append(end - start - shards_time)
     return budget
 
 
