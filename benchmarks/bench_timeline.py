@@ -202,8 +202,10 @@ def step_budget(kinds: dict[str, list[tuple]], driver_steps: list[tuple[float, f
             found.append((start, end, inside))
     # A shard's step counts only with every one of its layers recorded (the last records of each
     # process may not have been written yet).
-    layers_per_shard = {k: max((len(spans) for *_, parts in found for j, _, spans in parts if j == k), default=0)
-                        for k in shards}
+    layers_per_shard = defaultdict(int)
+    for _, _, inside in found:
+        for k, _, spans in inside:
+            layers_per_shard[k] = max(layers_per_shard[k], len(spans))
     budget = defaultdict(list)
     for start, end, inside in found:
         if any(len(spans) != layers_per_shard[k] for k, _, spans in inside):
