@@ -104,7 +104,10 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     """
     assert logits.dim() == 1, f"expected one row of logits [V], got shape {tuple(logits.shape)}"
     assert not params.greedy, "greedy rows take the argmax; they have no sampling distribution"
-    x = logits.float() / params.temperature  # [V]
+    x = logits.float()
+    # Shifted so the best logit is 0 before the division: a tiny temperature then sends the others to
+    # -inf (the greedy limit) instead of the best to +inf, whose softmax is NaN.
+    x = (x - x.max()) / params.temperature  # [V]
     vocab = x.shape[0]
     if 0 < params.top_k < vocab:
         # Keep everything tied with the k-th best value: the kept set then depends only on the

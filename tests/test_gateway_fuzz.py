@@ -62,6 +62,8 @@ def code_of(call) -> grpc.StatusCode:
     temperature=1.0, top_k=2**32 - 1, top_p=1e-30, seed=2**63 - 1, max_new_tokens=3)), stream=True)
 @example(request=generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(
     temperature=3e38, max_new_tokens=2, stop=["", "a"])), stream=False)
+@example(request=generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(
+    temperature=1e-45, max_new_tokens=2)), stream=True)
 @example(request=generate_pb2.GenerateRequest(prompt_token_ids=[1] * 60, sampling=generate_pb2.SamplingParams(
     max_new_tokens=2**32 - 1)), stream=False)
 def test_arbitrary_requests_get_a_deliberate_status(server, request, stream):

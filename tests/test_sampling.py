@@ -105,8 +105,9 @@ def test_greedy_ties_go_to_lowest_id():
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=1.5, top_k=1, seed=1), SamplingParams(temperature=1.5, top_p=1e-6, seed=1)],
-    ids=["top_k=1", "tiny top_p"],
+    [SamplingParams(temperature=1.5, top_k=1, seed=1), SamplingParams(temperature=1.5, top_p=1e-6, seed=1),
+     SamplingParams(temperature=1e-45, seed=1)],
+    ids=["top_k=1", "tiny top_p", "tiny temperature"],
 )
 def test_degenerate_filters_equal_argmax(params):
     logits = torch.randn(64, V, generator=torch.Generator().manual_seed(1))
