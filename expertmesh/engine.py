@@ -29,6 +29,10 @@ from expertmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(__name__)
 
 
+MAX_REQUEST_ID_CHARS = 256
+"""A request id is echoed in every streamed message; a longer one is refused."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """Exactly one of `prompt` (text, BOS added) and `prompt_token_ids` (used as given)."""
@@ -137,25 +141,35 @@ class Engine:
         """Validate a request and return its prompt ids. ValueError messages start with the field."""
         if (request.prompt is None) == (request.prompt_token_ids is None):
             raise ValueError("prompt: exactly one of prompt and prompt_token_ids must be given")
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request_id: at most {MAX_REQUEST_ID_CHARS} characters, got {len(request.request_id)}")
+        request.params.validate(self.cfg.vocab_size)
         if request.prompt is not None:
+            field = "prompt"
             if not request.prompt:
                 raise ValueError("prompt: must not be empty")
+            # Every piece covers at most max_piece_chars characters: text this long cannot fit, and
+            # is refused before the tokenizer spends seconds on it.
+            if len(request.prompt) > 2 * self.tokenizer.max_piece_chars * self.max_len:
+                raise ValueError(f"prompt: {len(request.prompt)} characters cannot fit in the context of "
+                                 f"{self.max_len} tokens")
             ids = self.tokenizer.encode(request.prompt)
         else:
-            ids = list(request.prompt_token_ids)
+            field, ids = "prompt_token_ids", list(request.prompt_token_ids)
             if not ids:
                 raise ValueError("prompt_token_ids: must not be empty")
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt_token_ids: id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room in the context of {self.max_len} tokens")
-        request.params.validate(self.cfg.vocab_size)
+            raise ValueError(f"{field}: {len(ids)} tokens leave no room in the context of {self.max_len} tokens")
         return ids
 
-    def add(self, request: GenerationRequest) -> str:
-        """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full."""
-        ids = self.prompt_ids(request)
+    def add(self, request: GenerationRequest, prompt_ids: list[int] | None = None) -> str:
+        """Queue a request; returns its id. Raises ValueError for bad input, QueueFullError when full.
+        `prompt_ids`: what `prompt_ids(request)` returned, if the caller ran it already (thread-safe,
+        so a server tokenizes long prompts off the thread that steps the engine)."""
+        ids = self.prompt_ids(request) if prompt_ids is None else prompt_ids
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already running")

@@ -29,6 +29,15 @@ import torch
 # int64 fields (protobuf, numpy) unchanged.
 _MAX_SEED = 2**63
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily, their limit (as vLLM does): logits / 1e-38 overflow
+float32 to inf, whose softmax is NaN."""
+
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 256
+"""Bounds on `stop`: matching holds every proper prefix of every stop string, which grows with the
+square of its length (a 1 MB stop string would need hundreds of GB)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -37,7 +46,7 @@ class SamplingParams:
     The defaults give greedy decoding of up to 16 tokens, stopping at end-of-sequence.
     """
 
-    temperature: float = 0.0  # 0 = greedy (argmax); higher flattens the distribution
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) = greedy (argmax); higher flattens the distribution
     top_k: int = 0  # keep only the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus: keep the most likely tokens covering this much probability; 1 = off
     seed: int | None = None  # seeds this request's generator, making sampled output reproducible
@@ -65,9 +74,13 @@ class SamplingParams:
         # A bare string would be iterated as one stop string per character.
         if isinstance(self.stop, str):
             raise ValueError(f"stop must be a sequence of strings, not a single string: {self.stop!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop: a stop string has at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
         for t in self.stop_token_ids:
             if t < 0 or (vocab_size is not None and t >= vocab_size):
                 bound = "" if vocab_size is None else f", {vocab_size}"
@@ -76,7 +89,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """True when the next token is the argmax and no randomness is involved."""
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -104,10 +117,7 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tens
     """
     assert logits.dim() == 1, f"expected one row of logits [V], got shape {tuple(logits.shape)}"
     assert not params.greedy, "greedy rows take the argmax; they have no sampling distribution"
-    x = logits.float()
-    # Shifted so the best logit is 0 before the division: a tiny temperature then sends the others to
-    # -inf (the greedy limit) instead of the best to +inf, whose softmax is NaN.
-    x = (x - x.max()) / params.temperature  # [V]
+    x = logits.float() / params.temperature  # [V]
     vocab = x.shape[0]
     if 0 < params.top_k < vocab:
         # Keep everything tied with the k-th best value: the kept set then depends only on the

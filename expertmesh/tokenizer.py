@@ -24,6 +24,7 @@ Reference: huggingface/text-generation-inference, ``Model.decode_token``.
 from __future__ import annotations
 
 import codecs
+import functools
 import operator
 import os
 from collections.abc import Sequence
@@ -63,6 +64,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.vocab_size()
+
+    @functools.cached_property
+    def max_piece_chars(self) -> int:
+        """The most characters one token stands for (16 in Mixtral's vocabulary)."""
+        return max(len(self._sp.id_to_piece(i)) for i in range(self.vocab_size))
 
     @property
     def bos_id(self) -> int:

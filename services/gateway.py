@@ -118,7 +118,9 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
                 yield response_to_pb(out)
 
     async def Tokenize(self, request, context):
-        return generate_pb2.TokenizeResponse(token_ids=self.engine_loop.engine.tokenizer.encode(request.text))
+        # On a worker thread, so a long text does not hold up this event loop's other calls.
+        ids = await asyncio.to_thread(self.engine_loop.engine.tokenizer.encode, request.text)
+        return generate_pb2.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):
         return model_info_to_pb(self.model_info)

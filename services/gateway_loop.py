@@ -70,6 +70,7 @@ def _resolve(future: asyncio.Future, error: Exception | None) -> None:
 @dataclass(frozen=True)
 class _Add:
     ticket: _Ticket
+    prompt_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,14 @@ class Generation:
         return self._request.request_id
 
     async def __aenter__(self) -> Generation:
-        self._ticket = self._engine_loop._submit(_Add(_Ticket(self._request)))
+        # Validated and tokenized here, on a worker thread (sentencepiece lets go of the GIL): a long
+        # prompt never holds up the engine thread, and with it every running request.
+        try:
+            ids = await asyncio.to_thread(self._engine_loop.engine.prompt_ids, self._request)
+        except ValueError as exc:
+            self._engine_loop._count(_code_of(exc))
+            raise
+        self._ticket = self._engine_loop._submit(_Add(_Ticket(self._request), ids))
         try:
             await self._ticket.admitted
         except asyncio.CancelledError:
@@ -234,7 +242,7 @@ class EngineLoop:
             command.ticket.admit(EngineUnavailableError("the engine is stopping"))
         else:
             try:
-                self.engine.add(command.ticket.request)
+                self.engine.add(command.ticket.request, command.prompt_ids)
             except Exception as exc:  # noqa: BLE001 - the caller's coroutine maps it to a status
                 self._count(_code_of(exc))
                 command.ticket.admit(exc)

@@ -25,7 +25,10 @@ def greedy(n, **kw):
     (dict(prompt_token_ids=()), "prompt_token_ids"),
     (dict(prompt_token_ids=(1, 32000)), "prompt_token_ids"),
     (dict(prompt_token_ids=(1, 243, 162)), "prompt_token_ids"),  # <0xF0> <0x9F>: half a character
-    (dict(prompt_token_ids=(1,) * 64), "prompt"),
+    (dict(prompt_token_ids=(1,) * 64), "prompt_token_ids"),
+    (dict(prompt="word " * 200), "prompt"),
+    (dict(prompt="hi", request_id="r" * 257), "request_id"),
+    (dict(prompt="hi", params=SamplingParams(stop=("x" * 2**20,))), "stop"),
     (dict(prompt="hi", params=SamplingParams(max_new_tokens=0)), "max_new_tokens"),
     (dict(prompt="hi", params=SamplingParams(temperature=-0.5)), "temperature"),
     (dict(prompt="hi", params=SamplingParams(top_p=0.0)), "top_p"),
@@ -38,6 +41,18 @@ def test_bad_input_names_the_field(engine, request_kwargs, field):
     assert not engine.scheduler.has_work()  # nothing half-admitted
     ok = engine.generate([GenerationRequest(prompt="Hello", params=greedy(2))])
     assert len(ok[0].token_ids) == 2
+
+
+def test_text_too_long_for_the_context_is_refused_without_tokenizing(engine, monkeypatch):
+    def encode(*args, **kwargs):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(engine.tokenizer, "encode", encode)
+    limit = 2 * engine.tokenizer.max_piece_chars * engine.max_len
+    with pytest.raises(ValueError, match=rf"^prompt: {limit + 1} characters cannot fit"):
+        engine.add(GenerationRequest(prompt="x" * (limit + 1)))
+    assert engine.tokenizer.max_piece_chars == 16  # Mixtral's vocabulary
+
 
 
 def test_generate_matches_reference_with_more_requests_than_slots(engine, tiny_ckpt):

@@ -200,6 +200,11 @@ BAD_REQUESTS = {
     "temperature NaN": (dict(prompt="hi", sampling=greedy(4, temperature=float("nan"))), "temperature"),
     "top_p 1.5": (dict(prompt="hi", sampling=greedy(4, top_p=1.5)), "top_p"),
     "top_p -0.1": (dict(prompt="hi", sampling=greedy(4, top_p=-0.1)), "top_p"),
+    "a 1 MB stop string": (dict(prompt="hi", sampling=greedy(4, stop=["x" * 2**20])), "stop"),
+    "33 stop strings": (dict(prompt="hi", sampling=greedy(4, stop=[f"s{i}" for i in range(33)])), "stop"),
+    "a 257-character request_id": (dict(request_id="r" * 257, prompt="hi"), "request_id"),
+    "more ids than the context": (dict(prompt_token_ids=[1] * 1000), "prompt_token_ids"),
+    "a 10 MB prompt": (dict(prompt="word " * 2 * 2**20), "prompt"),
 }
 
 
@@ -214,6 +219,31 @@ def test_bad_requests_are_invalid_argument_naming_the_field(served, case):
         assert err.value.details().startswith(field), err.value.details()
     ok = served.stub.Generate(generate_pb2.GenerateRequest(prompt="hi", sampling=greedy(3, ignore_eos=True)), timeout=10)
     assert len(ok.token_ids) == 3
+
+
+def test_a_prompt_being_tokenized_holds_up_no_running_request(served, monkeypatch):
+    entered, release = threading.Event(), threading.Event()
+    encode = served.engine.tokenizer.encode
+
+    def held_encode(text, *args, **kwargs):
+        if text == "held up":
+            entered.set()
+            release.wait(20)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(served.engine.tokenizer, "encode", held_encode)
+    running = served.stub.GenerateStream(generate_pb2.GenerateRequest(
+        prompt="A long story", sampling=greedy(40, ignore_eos=True)), timeout=10)
+    first = next(running)
+    held = served.stub.Generate.future(generate_pb2.GenerateRequest(prompt="held up", sampling=greedy(2)), timeout=30)
+    try:
+        assert entered.wait(10)
+        rest = list(running)  # the whole completion while the other prompt is still being tokenized
+        assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 40
+        assert not held.done()
+    finally:
+        release.set()
+    assert held.result().token_ids
 
 
 def test_duplicate_running_request_id_is_invalid_argument(slow):

@@ -39,6 +39,8 @@ def _draws(logits_row: torch.Tensor, params: SamplingParams, n: int, gen: torch.
         ("stop", ("",)),
         ("stop", ("ok", "")),
         ("stop", "</s>"),
+        ("stop", ("x",) * 33),
+        ("stop", ("ok", "x" * 257)),
         ("stop_token_ids", (V,)),
         ("stop_token_ids", (-1,)),
         ("seed", -1),
@@ -57,6 +59,7 @@ def test_invalid_field_raises_value_error_naming_it(field, value):
         SamplingParams(),
         SamplingParams(temperature=0.7, top_k=50, top_p=0.9, seed=0, stop=("\n\n",), stop_token_ids=(0, V - 1)),
         SamplingParams(top_p=1.0, seed=2**63 - 1, max_new_tokens=1),
+        SamplingParams(stop=tuple(chr(97 + i) * 256 for i in range(32))),
     ],
 )
 def test_valid_params_pass(params):
@@ -71,6 +74,10 @@ def test_stop_token_ids_unbounded_without_vocab_size():
 def test_greedy_property():
     assert SamplingParams().greedy
     assert not SamplingParams(temperature=0.5).greedy
+    # Below 1e-5 a temperature is its greedy limit (dividing by it would overflow float32).
+    assert SamplingParams(temperature=1e-6).greedy and SamplingParams(temperature=1e-45).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+    assert make_generator(SamplingParams(temperature=1e-6, seed=1)) is None
 
 
 def test_make_generator():
