@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -180,6 +181,34 @@ class Cluster:
                 if kind == "groups":
                     pids[self.plan.groups[k].group, self.plan.groups[k].replica] = pid
         return targets, pids
+
+    def lost(self, timeout_s: float = 5.0) -> list[str]:
+        """The components that are gone for good (Ray gave up restarting them) and without which no
+        step can run: an attention shard, a router, or an expert group whose every replica is gone.
+        Empty while everything is alive or restarting."""
+        def dead(actor) -> bool:
+            # A restarting actor queues a new call; only one that will never run again fails it at
+            # once. Asked twice, so that a process that died during the first answer is not taken
+            # for one past its restarts.
+            for _ in range(2):
+                try:
+                    ray.get(actor.info.remote(), timeout=timeout_s)
+                    return False
+                except ray.exceptions.ActorDiedError:
+                    time.sleep(0.5)
+                except Exception:  # noqa: BLE001 - restarting, slow or unreachable: not known lost
+                    return False
+            return True
+
+        gone = [f"attention shard {k} (layers {plan.layers[0]}-{plan.layers[-1]})"
+                for k, (plan, actor) in enumerate(zip(self.plan.shards, self.shards)) if dead(actor)]
+        gone += [f"the router of attention shard {k}" for k, actor in enumerate(self.routers) if dead(actor)]
+        replicas: dict[tuple[int, tuple[int, ...]], list[bool]] = {}
+        for plan, actor in zip(self.plan.groups, self.groups):
+            replicas.setdefault((plan.group, plan.experts), []).append(dead(actor))
+        gone += [f"expert group {g} (experts {', '.join(map(str, experts))})"
+                 for (g, experts), down in replicas.items() if all(down)]
+        return gone
 
     def shutdown(self) -> None:
         """Kill every actor this cluster started (no restart)."""

@@ -162,8 +162,8 @@ async def serve(opts: ServeOptions) -> int:
         info = model_info(Path(opts.model).name, engine.cfg, engine.max_len, cluster)
         registry = CollectorRegistry()
         metrics = GatewayMetrics(registry)
-        gateway, port = await start_gateway(EngineLoop(engine, metrics=metrics), info, f"{opts.host}:{opts.port}",
-                                            ready=True, access=access)
+        engine_loop = EngineLoop(engine, metrics=metrics, diagnose=cluster.lost)
+        gateway, port = await start_gateway(engine_loop, info, f"{opts.host}:{opts.port}", ready=True, access=access)
         if opts.metrics_port is not None:
             metrics_port = serve_cluster_metrics(cluster, registry, metrics, opts.host, opts.metrics_port)
             print(f"expertmesh: metrics on http://{opts.host}:{metrics_port}/metrics", flush=True)

@@ -184,6 +184,9 @@ async def start_gateway(engine_loop_or_engine: EngineLoop | Engine, model_info: 
         log.warning("a bearer token without TLS crosses the network in clear text: use --tls-cert and --tls-key "
                     "unless a TLS proxy in front of the gateway terminates the connection")
     gateway = Gateway(server, engine_loop, health_servicer)
+    loop = asyncio.get_running_loop()
+    # A loop that can serve no more (a component gone for good) takes the server out of rotation.
+    engine_loop.on_broken = lambda reason: asyncio.run_coroutine_threadsafe(gateway.set_serving(False), loop)
     await gateway.set_serving(ready)
     await server.start()
     return gateway, port

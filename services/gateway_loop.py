@@ -20,7 +20,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import grpc
 
 from expertmesh.engine import Engine, GenerationRequest, StepOutput
 from expertmesh.services.errors import status_for
@@ -139,8 +142,14 @@ class Generation:
 class EngineLoop:
     """Runs an `Engine` on its own thread; `generate()` and `complete()` are called from asyncio."""
 
-    def __init__(self, engine: Engine, name: str = "engine-loop", metrics: GatewayMetrics | None = None):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: Engine, name: str = "engine-loop", metrics: GatewayMetrics | None = None,
+                 diagnose: Callable[[], list[str]] | None = None):
+        """`diagnose`, asked after a step fails: the components gone for good (`Cluster.lost`). If
+        any, the loop is broken: every request fails UNAVAILABLE saying so, and `on_broken` (set by
+        the gateway, to report NOT_SERVING) is called once with the reason."""
+        self.engine, self.metrics, self.diagnose = engine, metrics, diagnose
+        self.on_broken: Callable[[str], None] | None = None
+        self._broken: str | None = None  # why the loop can serve no more; guarded by _lock
         self._seen: dict[str, tuple[float, float | None]] = {}  # engine thread only: (arrival, last output)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Ticket] = {}  # engine thread only: admitted requests by id
@@ -186,6 +195,8 @@ class EngineLoop:
 
     def _submit(self, command: _Add | _Abort) -> _Ticket:
         with self._lock:
+            if isinstance(command, _Add) and self._broken is not None:
+                raise EngineUnavailableError(self._broken)
             if isinstance(command, _Add) and not (self._accepting and self._thread.is_alive()):
                 raise EngineUnavailableError("the engine is not accepting requests (stopped or stopping)")
             self._commands.put(command)
@@ -198,6 +209,7 @@ class EngineLoop:
             self._serve()
         except Exception:  # noqa: BLE001 - a bug; logged, and every waiting request is failed below
             log.exception("engine loop crashed")
+            self._break("the engine loop crashed (see the server's log)")
         finally:  # nothing may wait forever on a thread that is gone
             with self._lock:
                 self._accepting = False
@@ -257,7 +269,11 @@ class EngineLoop:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - e.g. a remote shard failed; the loop lives on
             log.exception("engine step failed; failing %d requests", len(self._active))
-            self._fail_all(EngineUnavailableError(f"engine step failed: {exc}"))
+            gone = self._lost()
+            if gone:
+                self._break(f"the cluster cannot serve: {'; '.join(gone)} gone for good (Ray's restarts used "
+                            "up); the server must be restarted")
+            self._fail_all(EngineUnavailableError(self._broken or f"engine step failed: {_describe(exc)}"))
             return
         self._observe_step(min(batch, self.engine.scheduler.num_slots), outputs)
         for out in outputs:
@@ -269,6 +285,24 @@ class EngineLoop:
             if not ticket.deliver(out) and out.finish_reason is None:
                 del self._active[out.request_id]
                 self._abort(out.request_id)
+
+    def _lost(self) -> list[str]:
+        if self.diagnose is None:
+            return []
+        try:
+            return self.diagnose()
+        except Exception:  # noqa: BLE001 - no diagnosis is no reason to stop serving
+            log.exception("could not tell whether any component is gone for good")
+            return []
+
+    def _break(self, reason: str) -> None:
+        with self._lock:
+            if self._broken is not None:
+                return
+            self._broken = reason
+        log.error("%s", reason)
+        if self.on_broken is not None:
+            self.on_broken(reason)
 
     def _observe_step(self, batch: int, outputs) -> None:
         """Client-side latencies and scheduler state, once per step (engine thread)."""
@@ -321,6 +355,13 @@ class EngineLoop:
             self.engine.abort(request_id)
         except Exception:  # noqa: BLE001 - keep the loop alive; the scheduler may hold the slot
             log.exception("engine.abort(%r) failed", request_id)
+
+
+def _describe(exc: Exception) -> str:
+    """A failed step's error in one line: a gRPC error's code and details, not its debug string."""
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
 
 
 def _code_of(exc: Exception) -> str:

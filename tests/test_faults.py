@@ -89,7 +89,8 @@ def forward_calls(metrics_address: str) -> float:
 
 def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster, tiny_ckpt):
     """Two replicas of each group: both serve; one killed (and never restarted: restarts=0) costs
-    nothing, because its messages go to the other replica at once."""
+    nothing, because its messages go to the other replica at once. With the other one killed too, the
+    group is gone for good, and the cluster says which."""
     cfg = ModelConfig.from_checkpoint(tiny_ckpt)
     tok = Tokenizer.from_checkpoint(tiny_ckpt)
     expected, _ = run(Engine.from_checkpoint(tiny_ckpt, max_batch_size=SLOTS, max_seq_len=MAX_LEN))
@@ -106,5 +107,12 @@ def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster,
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert got == expected
         print(f"replica killed, no restart -> next token: {pause:.2f} s")
+        assert cluster.lost() == []  # group 1 still has a replica: nothing is missing
+        os.kill(pid_of(cluster.groups[2]), signal.SIGKILL)  # and now that one (no restarts either)
+        deadline, lost = time.monotonic() + 30, []
+        while not lost and time.monotonic() < deadline:  # until Ray has noticed
+            lost = cluster.lost()
+        experts = ", ".join(map(str, plan.groups[2].experts))
+        assert lost == [f"expert group 1 (experts {experts})"]
     finally:
         cluster.shutdown()

@@ -330,9 +330,41 @@ def test_failed_step_is_unavailable_and_the_loop_lives_on(slow):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "attention shard 0 is unreachable" in err.value.details()
     assert wait_idle(slow.engine)
+    assert check_health(slow.address) == health_pb2.HealthCheckResponse.SERVING  # nothing is gone for good
     again = slow.stub.Generate(generate_pb2.GenerateRequest(prompt="fragile", sampling=greedy(5, ignore_eos=True)),
                                timeout=10)
     assert len(again.token_ids) == 5
+
+
+def test_a_component_gone_for_good_fails_requests_saying_so_and_reports_not_serving(aio, tiny_ckpt):
+    engine, gone = slow_engine(tiny_ckpt, num_slots=2, max_waiting=2), []
+    gateway, port = aio.run(start_gateway(EngineLoop(engine, diagnose=lambda: list(gone)),
+                                          ModelInfo.local(engine, "tiny"), ready=True))
+    address, request = f"127.0.0.1:{port}", generate_pb2.GenerateRequest(prompt="fragile", sampling=greedy(
+        50, ignore_eos=True))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = generate_pb2_grpc.GenerateServiceStub(channel)
+            stream = stub.GenerateStream(request, timeout=30)
+            next(stream)
+            gone.append("expert group 3 (experts 6, 7)")
+            engine.runner.fail = True
+            with pytest.raises(grpc.RpcError) as err:
+                list(stream)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            reason = err.value.details()
+            assert reason.startswith("the cluster cannot serve: expert group 3 (experts 6, 7) gone for good"), reason
+            engine.runner.fail = False  # what is gone stays gone: the server says so from now on
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(request, timeout=10)
+            assert (err.value.code(), err.value.details()) == (grpc.StatusCode.UNAVAILABLE, reason)
+        deadline = time.monotonic() + 10
+        while check_health(address) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check_health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert check_health(address, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        aio.run(gateway.stop(1.0))
 
 
 def test_tokenize_and_model_info(served):
