@@ -43,9 +43,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or (self.prefixes is not None and not method.startswith(self.prefixes)):
             return handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._guard_unary(handler.unary_unary, method))
+            return handler._replace(unary_unary=self._guard_unary(handler.unary_unary, method),
+                                    request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
-            return handler._replace(unary_stream=self._guard_stream(handler.unary_stream, method))
+            return handler._replace(unary_stream=self._guard_stream(handler.unary_stream, method),
+                                    request_deserializer=_tolerant(handler.request_deserializer))
         if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
             return handler._replace(stream_stream=self._guard_stream(handler.stream_stream, method))
         return handler
@@ -59,7 +61,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _guard_unary(self, behavior, method: str):
         async def guarded(request, context):
             try:
-                return await behavior(request, context)
+                return await behavior(_parsed(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped, and logged when unexpected
@@ -70,7 +72,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _guard_stream(self, behavior, method: str):
         async def guarded(request_or_iterator, context):
             try:
-                async for response in behavior(request_or_iterator, context):
+                async for response in behavior(_parsed(request_or_iterator), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -78,3 +80,31 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 await self._abort(context, method, exc)
 
         return guarded
+
+
+class _Unparsable:
+    """A request message that did not parse, kept so that the guarded method can say so."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    """`deserializer` that returns an `_Unparsable` instead of raising, which grpc would report as
+    UNKNOWN (bad UTF-8 in a string field, truncated bytes)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
+            return _Unparsable(exc)
+
+    return deserialize
+
+
+def _parsed(request):
+    if isinstance(request, _Unparsable):
+        raise ValueError(f"request: not a valid message: {request.error}")
+    return request

@@ -246,6 +246,24 @@ def test_a_prompt_being_tokenized_holds_up_no_running_request(served, monkeypatc
     assert held.result().token_ids
 
 
+@pytest.mark.parametrize("method, streams, raw", [
+    ("Generate", False, bytes([0x12, 2, 0xFF, 0xFE])),  # prompt (field 2): two bytes that are not UTF-8
+    ("GenerateStream", True, bytes([0x0A, 1, 0xC3])),  # request_id (field 1): half a character
+    ("Tokenize", False, bytes([0x0A, 5, 0x61])),  # text (field 1): 5 bytes announced, 1 sent
+])
+def test_a_message_that_does_not_parse_is_invalid_argument(served, method, streams, raw):
+    path = f"/{SERVICE_NAME}/{method}"
+    with pytest.raises(grpc.RpcError) as err:
+        if streams:
+            list(served.channel.unary_stream(path)(raw, timeout=10))
+        else:
+            served.channel.unary_unary(path)(raw, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("request: not a valid message"), err.value.details()
+    ok = served.stub.Generate(generate_pb2.GenerateRequest(prompt="hi", sampling=greedy(2, ignore_eos=True)), timeout=10)
+    assert len(ok.token_ids) == 2
+
+
 def test_duplicate_running_request_id_is_invalid_argument(slow):
     request = generate_pb2.GenerateRequest(request_id="dup", prompt="hi", sampling=greedy(30, ignore_eos=True))
     first = slow.stub.GenerateStream(request, timeout=30)
