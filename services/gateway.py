@@ -109,13 +109,20 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self.engine_loop, self.model_info = engine_loop, model_info
 
     async def Generate(self, request, context):
-        return response_to_pb(await self.engine_loop.complete(request_from_pb(request)))
+        return response_to_pb(await self.engine_loop.complete(self._request(request)))
 
     async def GenerateStream(self, request, context):
         # Leaving the `async with` early (client cancel, deadline) aborts the request in the engine.
-        async with self.engine_loop.generate(request_from_pb(request)) as generation:
+        async with self.engine_loop.generate(self._request(request)) as generation:
             async for out in generation:
                 yield response_to_pb(out)
+
+    def _request(self, pb: generate_pb2.GenerateRequest) -> GenerationRequest:
+        try:
+            return request_from_pb(pb)
+        except ValueError as exc:  # counted like the refusals the engine loop sees
+            self.engine_loop.count_rejection(exc)
+            raise
 
     async def Tokenize(self, request, context):
         # On a worker thread, so a long text does not hold up this event loop's other calls.

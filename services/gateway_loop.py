@@ -110,7 +110,7 @@ class Generation:
         try:
             ids = await asyncio.to_thread(self._engine_loop.engine.prompt_ids, self._request)
         except ValueError as exc:
-            self._engine_loop._count(_code_of(exc))
+            self._engine_loop.count_rejection(exc)
             raise
         self._ticket = self._engine_loop._submit(_Add(_Ticket(self._request), ids))
         try:
@@ -192,6 +192,10 @@ class EngineLoop:
         self._thread.join(grace_s + join_slack_s)
         if self._thread.is_alive():
             log.warning("engine loop did not end within %.1f s of its grace period", join_slack_s)
+
+    def count_rejection(self, exc: Exception) -> None:
+        """Count a request refused before it reached the engine thread (thread-safe)."""
+        self._count(_code_of(exc))
 
     def _submit(self, command: _Add | _Abort) -> _Ticket:
         with self._lock:
@@ -357,11 +361,15 @@ class EngineLoop:
             log.exception("engine.abort(%r) failed", request_id)
 
 
-def _describe(exc: Exception) -> str:
-    """A failed step's error in one line: a gRPC error's code and details, not its debug string."""
+def _describe(exc: Exception, limit: int = 300) -> str:
+    """A failed step's error as clients see it: a gRPC error's code and details (not its debug
+    string), else the error's first line, at most `limit` characters; the log has the rest (Ray's
+    errors can carry a memory report listing the host's processes)."""
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__
+        text = f"{exc.code().name}: {exc.details()}"
+    else:
+        text = str(exc).strip().split("\n", 1)[0] or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _code_of(exc: Exception) -> str:

@@ -318,6 +318,25 @@ def test_scheduler_gauges_read_idle_after_a_cancel(aio, tiny_ckpt):
         aio.run(gateway.stop(1.0))
 
 
+def test_every_refused_request_is_counted_by_its_code(aio, tiny_ckpt):
+    registry, engine = CollectorRegistry(), slow_engine(tiny_ckpt)
+    gateway, port = aio.run(start_gateway(EngineLoop(engine, metrics=GatewayMetrics(registry)),
+                                          ModelInfo.local(engine, "tiny"), ready=True))
+    bad = [dict(prompt="hi", sampling=greedy(4, top_p=1.5)),  # refused while converting the message
+           dict(prompt="hi", sampling=greedy(4, temperature=-1.0)),  # while validating, off the engine thread
+           dict(prompt_token_ids=[1, 32000], sampling=greedy(4))]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generate_pb2_grpc.GenerateServiceStub(channel)
+            for fields in bad:
+                with pytest.raises(grpc.RpcError):
+                    stub.Generate(generate_pb2.GenerateRequest(**fields), timeout=10)
+        count = registry.get_sample_value("expertmesh_gateway_requests_total", {"code": "INVALID_ARGUMENT"})
+        assert count == len(bad)
+    finally:
+        aio.run(gateway.stop(1.0))
+
+
 def test_burst_beyond_the_queue_is_resource_exhausted(slow):
     barrier = threading.Barrier(6, timeout=10)
 
@@ -383,6 +402,15 @@ def test_a_component_gone_for_good_fails_requests_saying_so_and_reports_not_serv
         assert check_health(address, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         aio.run(gateway.stop(1.0))
+
+
+def test_a_failed_steps_error_reaches_clients_in_one_short_line():
+    from expertmesh.services.gateway_loop import _describe
+
+    report = "The actor died unexpectedly.\nMemory on the node (top 10 processes):\n  pid=1 /usr/bin/secret"
+    assert _describe(RuntimeError(report)) == "The actor died unexpectedly."
+    assert _describe(RuntimeError("x" * 1000)) == "x" * 297 + "..."
+    assert _describe(ConnectionError()) == "ConnectionError"
 
 
 def test_tokenize_and_model_info(served):
