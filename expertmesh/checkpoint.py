@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,12 +299,12 @@ def write_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Mapp
     dtype = next(iter(tensors.values())).dtype
     (out / "config.json").write_text(json.dumps(cfg.to_hub_dict(dtype), indent=2) + "\n")
     if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE), metadata=meta)
+        _save(shards[0], out / SINGLE_FILE, meta)
         return ["config.json", SINGLE_FILE]
     files, weight_map, total = [], {}, 0
     for k, shard in enumerate(shards, start=1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata=meta)
+        _save(shard, out / file, meta)
         files.append(file)
         for name, t in shard.items():
             weight_map[name] = file
@@ -311,6 +312,13 @@ def write_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Mapp
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return ["config.json", INDEX_FILE, *files]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`save_file`, with the file readable as its directory is (safetensors creates it 0600, unlike
+    config.json and tokenizer.model beside it)."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, stat.S_IMODE(path.parent.stat().st_mode) & 0o666)
 
 
 def _natural_key(name: str) -> list:

@@ -42,21 +42,38 @@ def default_checkpoint(preset: str = DEFAULT_PRESET) -> Path:
     return path
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 0 or 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="makes sampled output reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
 def _sampling_params(args: argparse.Namespace):
+    """The flags as sampling parameters, checked here: a bad value is named before any connection (a
+    negative one would otherwise fail as protobuf's 'Value out of range')."""
     from expertmesh.sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                            top_p=1.0 if args.top_p == 0.0 else args.top_p,  # 0 = off, as in the API
+                            seed=args.seed, max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                            ignore_eos=args.ignore_eos)
+    params.validate()
+    return params
 
 
 def _token_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -93,9 +110,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with channel:
         stub = generate_pb2_grpc.GenerateServiceStub(channel)
         try:
-            sys.stdout.write(args.prompt)
+            first = True
             for msg in stub.GenerateStream(generate_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling),
                                            timeout=args.timeout, metadata=bearer_metadata(token)):
+                if first:  # only once the server answers: a failed call writes nothing to stdout
+                    sys.stdout.write(args.prompt)
+                    first = False
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
                 if msg.finish_reason:
@@ -103,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     sys.stdout.write(f"\n[finish_reason={reason.lower()} "
                                      f"completion_tokens={msg.usage.completion_tokens}]\n")
         except grpc.RpcError as exc:
-            print(f"\nexpertmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"{'' if first else chr(10)}expertmesh: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
 
@@ -192,6 +212,9 @@ def cmd_top(args: argparse.Namespace) -> int:
         run_top(args.metrics, args.interval, args.iterations)
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # URLError too: nothing listening, a wrong host
+        print(f"expertmesh top: cannot read {args.metrics}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -200,16 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-model", help="write a random-weight checkpoint in the Hugging Face Mixtral format")
-    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p = sub.add_parser("init-model", formatter_class=_HelpFormatter, help="write a random-weight checkpoint in the Hugging Face Mixtral format")
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the model's sizes")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the weights are stored in")
     p.add_argument("--max-shard-mb", type=int, default=512, help="shard the safetensors past this size")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("generate", help="stream a completion from a server (or, with --local, in this process)")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", formatter_class=_HelpFormatter, help="stream a completion from a server (or, with --local, in this process)")
+    p.add_argument("prompt", help="the text to complete")
     p.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of the call, seconds")
     p.add_argument("--local", action="store_true", help="run the single-process engine here instead")
@@ -220,19 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="start the cluster on Ray and serve the gRPC Generate API")
+    p = sub.add_parser("serve", formatter_class=_HelpFormatter, help="start the cluster on Ray and serve the gRPC Generate API")
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, created once)")
     p.add_argument("--host", default="127.0.0.1", help="address the public API listens on (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port (printed)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start an embedded local one)")
-    p.add_argument("--attention-shards", type=int, default=1)
-    p.add_argument("--expert-groups", type=int, default=1)
+    p.add_argument("--attention-shards", type=int, default=1, help="contiguous layer ranges, each an actor")
+    p.add_argument("--expert-groups", type=int, default=1,
+                   help="actors the experts are split over (expert e of every layer in one group)")
     p.add_argument("--expert-replicas", type=int, default=1,
                    help="copies of each expert group: load spreads over them and a dead one fails over at once")
     p.add_argument("--router", choices=["service", "inline"], default="service",
                    help="service: a RouterService actor per attention shard; inline: the router runs inside "
                         "each shard's process (one network hop less per layer)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every component computes")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, the checkpoint's on cuda")
     p.add_argument("--gpus-per-shard", type=float, help="GPU share per attention shard (default 1 on cuda)")
     p.add_argument("--gpus-per-group", type=float, help="GPU share per expert group (default 1 on cuda)")
@@ -253,19 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.add_argument("--tls-cert", metavar="FILE", help="serve the API over TLS with this PEM certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
     p.add_argument("--internal-tls-ca", metavar="FILE",
                    help="mutual TLS between the cluster's components: the CA every component requires of its peers")
     p.add_argument("--internal-tls-cert", metavar="FILE",
                    help="the components' certificate chain (subject alt name DNS:expertmesh-internal), same path "
                         "on every node")
     p.add_argument("--internal-tls-key", metavar="FILE", help="its private key (unencrypted PEM)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")
     _token_args(p, "every call must carry (health checks stay open)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("top", help="live layer x expert load heat map from a server's metrics endpoint")
+    p = sub.add_parser("top", formatter_class=_HelpFormatter, help="live layer x expert load heat map from a server's metrics endpoint")
     p.add_argument("--metrics", default="http://127.0.0.1:9464/metrics", help="the serve --metrics-port URL")
-    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
     p.add_argument("--iterations", type=int, help="redraw this many times, then exit (default: until Ctrl-C)")
     p.set_defaults(func=cmd_top)
     return parser

@@ -61,30 +61,30 @@ class SamplingParams:
         `vocab_size`, when given, also bounds `stop_token_ids`.
         """
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise ValueError(f"temperature: must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise ValueError(f"top_k: must be >= 0 (0 = off), got {self.top_k}")
         # `not (0 < p <= 1)` is also true for NaN, which a plain `p <= 0 or p > 1` would let through.
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not (0 <= self.seed < _MAX_SEED):
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+            raise ValueError(f"seed: must be in [0, 2**63), got {self.seed}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
         # A bare string would be iterated as one stop string per character.
         if isinstance(self.stop, str):
-            raise ValueError(f"stop must be a sequence of strings, not a single string: {self.stop!r}")
+            raise ValueError(f"stop: must be a sequence of strings, not a single string: {self.stop!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+                raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"stop: a stop string has at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
         for t in self.stop_token_ids:
             if t < 0 or (vocab_size is not None and t >= vocab_size):
                 bound = "" if vocab_size is None else f", {vocab_size}"
-                raise ValueError(f"stop_token_ids must be in [0{bound}), got {t}")
+                raise ValueError(f"stop_token_ids: must be in [0{bound}), got {t}")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,10 +146,26 @@ def serve_cluster_metrics(cluster: Cluster, registry: CollectorRegistry, metrics
     return serve_metrics(merged, host, port)
 
 
+def check_free(flag: str, host: str, port: int | None) -> None:
+    """Raise ValueError naming `flag` if nothing can listen on host:port: before Ray starts and the
+    weights load, not after (port 0 and None: any free port, or none)."""
+    if not port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 async def serve(opts: ServeOptions) -> int:
     # Certificates, token and checkpoint are checked before anything starts: a bad flag or a damaged
     # file fails in a second, not after Ray or after the first components have loaded their weights.
     access = PublicAccess.load(opts.tls_cert, opts.tls_key, opts.auth_token, opts.auth_token_file)
+    check_free("--port", opts.host, opts.port)
+    check_free("--metrics-port", opts.host, opts.metrics_port)
     if opts.internal_tls:
         InternalTLS.load(*opts.internal_tls)  # every component loads them again on its node
     # Every tensor's header (name, shape, dtype, bytes present); components check what they read again.
@@ -167,8 +184,9 @@ async def serve(opts: ServeOptions) -> int:
         if opts.metrics_port is not None:
             metrics_port = serve_cluster_metrics(cluster, registry, metrics, opts.host, opts.metrics_port)
             print(f"expertmesh: metrics on http://{opts.host}:{metrics_port}/metrics", flush=True)
-        print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} "
-              f"({info.attention_shards} attention shards, {len(info.expert_groups)} expert groups)", flush=True)
+        shards, groups = info.attention_shards, len(info.expert_groups)
+        print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} ({shards} attention "
+              f"shard{'s' * (shards != 1)}, {groups} expert group{'s' * (groups != 1)})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

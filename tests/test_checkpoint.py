@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -81,6 +82,17 @@ def test_sharded_checkpoint_has_index_and_several_files(sharded_ckpt):
     index = json.loads((sharded_ckpt / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(expected_shapes(ModelConfig.from_checkpoint(sharded_ckpt)))
+
+
+def test_weight_files_are_readable_as_their_directory_is(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    out.chmod(0o750)
+    files = checkpoint.write_checkpoint(out, PRESETS["tiny"], random_weights(PRESETS["tiny"], 0),
+                                         max_shard_bytes=4 << 20)
+    weights = [f for f in files if f.endswith(".safetensors")]
+    assert len(weights) > 1
+    assert {oct(stat.S_IMODE((out / f).stat().st_mode)) for f in weights} == {oct(0o640)}
 
 
 def test_init_model_is_reproducible(tmp_path):

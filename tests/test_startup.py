@@ -282,6 +282,21 @@ def test_a_plan_that_cannot_work_is_refused_before_ray_starts(tiny_ckpt, flags, 
     assert "Started a local Ray instance" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_refused_before_ray_starts(tiny_ckpt, flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = ["--port", str(port)] if flag == "--port" else ["--port", str(free_port()), flag, str(port)]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run([sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), *flags],
+                              capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert f"expertmesh: error: {flag}: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Started a local Ray instance" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt):
     """Every running sequence decodes one token per step, so the budget must hold a full batch."""
     cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
