@@ -202,3 +202,5 @@ async def serve(opts: ServeOptions) -> int:
 
         if embedded and ray.is_initialized():
             ray.shutdown()
+        if cluster is not None:
+            log.info("stopped: every component removed")

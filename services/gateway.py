@@ -29,6 +29,21 @@ from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+
+class _GoneClientFilter(logging.Filter):
+    """grpc logs an ERROR with a traceback whenever a stream's next message finds the call already
+    over (the client cancelled, its deadline passed, it went away): an ordinary event here, logged
+    once at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith("ExecuteBatchError raised in core"):
+            log.debug("a stream's client was gone before its next message: %s", record.getMessage())
+            return False
+        return True
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_GoneClientFilter())
+
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name
 # Public requests and responses are token ids and text: a 128k-token prompt or completion is under
 # 128k x (5 B varint + ~16 B text) ~ 2.7 MB. 16 MiB leaves room for longer contexts while bounding

@@ -9,6 +9,7 @@ step gives UNAVAILABLE and the loop lives on; health, reflection and the reflect
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
@@ -411,6 +412,15 @@ def test_a_failed_steps_error_reaches_clients_in_one_short_line():
     assert _describe(RuntimeError(report)) == "The actor died unexpectedly."
     assert _describe(RuntimeError("x" * 1000)) == "x" * 297 + "..."
     assert _describe(ConnectionError()) == "ConnectionError"
+
+
+def test_a_stream_whose_client_is_gone_is_not_logged_as_an_error(caplog):
+    """grpc's own ERROR for a message sent after the call ended becomes one DEBUG line of ours."""
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("grpc._cython.cygrpc").error(
+            "ExecuteBatchError raised in core by servicer method [/expertmesh.v1.GenerateService/GenerateStream]")
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert "client was gone" in caplog.records[0].getMessage()
 
 
 def test_tokenize_and_model_info(served):
