@@ -156,18 +156,22 @@ class ExpertGroupComponent:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a restartable service (an expert group, a router) listens; `actor` (its Ray handle)
-    tells the new address after a restart. `experts`: what an expert group owns."""
+    """Where a restartable service (an expert group, a router) listens; `actor`, the name of its Ray
+    actor, tells the new address after a restart. `experts`: what an expert group owns.
+
+    A name, not a handle: an actor handle among a restartable actor's constructor arguments puts them
+    in Ray's object store, from where they may be gone when the actor restarts (ray-project/ray#53727)."""
 
     address: str
-    actor: object | None = None
+    actor: str | None = None
     experts: tuple[int, ...] = ()
 
     def resolver(self, timeout_s: float):
-        """A callable that waits (up to `timeout_s`) for the service to be alive and returns its address."""
+        """A callable that waits (up to `timeout_s`) for the service to be alive and returns its address.
+        It raises once the actor is gone for good (its name is released)."""
         if self.actor is None:
             return None
-        actor = self.actor
+        name = self.actor
 
         def resolve() -> str:
             import ray
@@ -175,6 +179,7 @@ class Endpoint:
             deadline = time.monotonic() + timeout_s
             while True:
                 try:
+                    actor = ray.get_actor(name)
                     return ray.get(actor.address.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
                     if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -78,9 +79,9 @@ def component_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in COMPONENT_ENV.items()}
 
 
-def _actor(cls, plan: ComponentPlan, max_restarts: int = 0):
+def _actor(cls, plan: ComponentPlan, max_restarts: int = 0, name: str | None = None):
     return ray.remote(cls).options(
-        name=None, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources or None,
+        name=name, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, resources=plan.resources or None,
         max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": component_env()},
     )
 
@@ -100,29 +101,37 @@ class Cluster:
     groups: list = field(default_factory=list)
     routers: list = field(default_factory=list)
     shards: list = field(default_factory=list)
+    shard_names: list = field(default_factory=list)
 
     def start(self) -> Cluster:
         """Create every actor and wait until each has loaded its weights and is listening."""
+        # Actors are named (unique to this cluster): components find a restarted peer by its name.
+        prefix = f"expertmesh-{uuid.uuid4().hex[:12]}-"
+        group_names = [prefix + g.name for g in self.plan.groups]
+        router_names = [f"{prefix}router-{k}" for k in range(len(self.plan.shards))]
+        self.shard_names = [prefix + s.name for s in self.plan.shards]
         try:
-            self.groups = [_actor(ExpertGroupComponent, g, self.restarts).remote(
-                self.checkpoint, g.experts, self.options, str(g.group), g.replica) for g in self.plan.groups]
+            self.groups = [_actor(ExpertGroupComponent, g, self.restarts, name).remote(
+                self.checkpoint, g.experts, self.options, str(g.group), g.replica)
+                for g, name in zip(self.plan.groups, group_names)]
             group_addrs = self._addresses(self.groups, "an expert group")
             members: list[list[Endpoint]] = [[] for _ in range(1 + max(g.group for g in self.plan.groups))]
-            for addr, g, actor in zip(group_addrs, self.plan.groups, self.groups):
-                members[g.group].append(Endpoint(addr, actor, g.experts))
+            for addr, g, name in zip(group_addrs, self.plan.groups, group_names):
+                members[g.group].append(Endpoint(addr, name, g.experts))
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
             else:
                 # A router does [T, D] x [D, E] gate matmuls and waits on the groups: it stays on its
                 # shard's node pool but holds no GPU, computing on CPU in the wire dtype of the shards.
                 router_options = replace(self.options, device="cpu", dtype=self._wire_dtype())
-                self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0), self.restarts).remote(
-                    self.checkpoint, s.layers, members, router_options) for s in self.plan.shards]
+                self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0), self.restarts, name).remote(
+                    self.checkpoint, s.layers, members, router_options)
+                    for s, name in zip(self.plan.shards, router_names)]
                 addrs = self._addresses(self.routers, "a router")
-                router_addrs = [Endpoint(addr, actor) for addr, actor in zip(addrs, self.routers)]
-            self.shards = [_actor(AttentionShardComponent, s, self.restarts).remote(
+                router_addrs = [Endpoint(addr, name) for addr, name in zip(addrs, router_names)]
+            self.shards = [_actor(AttentionShardComponent, s, self.restarts, name).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
-                for k, (s, addr) in enumerate(zip(self.plan.shards, router_addrs))]
+                for k, (s, addr, name) in enumerate(zip(self.plan.shards, router_addrs, self.shard_names))]
             self.shard_addresses = self._addresses(self.shards, "an attention shard")
         except BaseException:
             self.shutdown()
@@ -153,8 +162,8 @@ class Cluster:
         return next(name for name, d in DTYPES.items() if d == dtype)
 
     def runner(self, timeout_s: float | None = None) -> ShardChain:
-        resolvers = [Endpoint(a, actor).resolver(self.options.restart_timeout_s)
-                     for a, actor in zip(self.shard_addresses, self.shards)]
+        resolvers = [Endpoint(a, name).resolver(self.options.restart_timeout_s)
+                     for a, name in zip(self.shard_addresses, self.shard_names)]
         return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s,
                           resolvers=resolvers, tls=self.options.tls())
 

@@ -91,6 +91,8 @@ def serve_process(model, ray_address: str | None, *flags: str) -> Iterator[tuple
             pytest.fail(f"serve did not exit within {STOP_TIMEOUT_S} s of SIGTERM")
         lines += proc.stdout.readlines()
     assert code == 0, "".join(lines[-30:])
+    # Ray's warning that a component's restart could fail (its constructor arguments in the object store)
+    assert not [line for line in lines if "constructor arguments in the object store" in line]
     if ray_address is None:
         return
     deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
