@@ -22,7 +22,7 @@ from expertmesh.model.decoder import DecoderStack
 from expertmesh.services.access import InternalTLS
 from expertmesh.services.attention import HEAD_THREADS_MAX, AttentionServicer, serve_attention
 from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
-from expertmesh.services.internal import EventLoopThread
+from expertmesh.services.internal import EventLoopThread, ServiceGoneError
 from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, RouterMetrics, serve_metrics
 from expertmesh.services.router import RemoteRouter, RouterServicer, RouterStream, serve_router
 
@@ -154,6 +154,10 @@ class ExpertGroupComponent:
                 "metrics": self.metrics.address}
 
 
+GONE_AFTER = 3
+"""Fresh calls an actor must fail as dead, 0.5 s apart, to be taken as gone for good."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a restartable service (an expert group, a router) listens; `actor`, the name of its Ray
@@ -176,15 +180,27 @@ class Endpoint:
         def resolve() -> str:
             import ray
 
-            deadline = time.monotonic() + timeout_s
+            deadline, died = time.monotonic() + timeout_s, 0
+            try:
+                actor = ray.get_actor(name)
+            except ValueError:  # no such actor any more
+                raise ServiceGoneError(f"{name}: gone for good") from None
             while True:
                 try:
-                    actor = ray.get_actor(name)
                     return ray.get(actor.address.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                    died = 0
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
+                except ray.exceptions.ActorDiedError:
+                    # A restarting actor queues a new call or says it is unavailable; one that fails
+                    # fresh calls again and again will never run again (a call that was running when
+                    # the process died fails the same way once).
+                    died += 1
+                    if died == GONE_AFTER:
+                        raise ServiceGoneError(f"{name}: gone for good (its restarts are used up)") from None
+                    time.sleep(0.5)
 
         return resolve
 

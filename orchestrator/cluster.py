@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from expertmesh.checkpoint import CheckpointReader
-from expertmesh.orchestrator.actors import (AttentionShardComponent, ExpertGroupComponent, Endpoint,
+from expertmesh.orchestrator.actors import (GONE_AFTER, AttentionShardComponent, ExpertGroupComponent, Endpoint,
                                             RouterComponent, RuntimeOptions)
 from expertmesh.orchestrator.placement import ClusterPlan, ComponentPlan, alive_nodes, shortfall, unpacked
 from expertmesh.presets import DTYPES
@@ -101,22 +101,23 @@ class Cluster:
     groups: list = field(default_factory=list)
     routers: list = field(default_factory=list)
     shards: list = field(default_factory=list)
-    shard_names: list = field(default_factory=list)
+    shard_names: list = field(default_factory=list)  # the actors' names (`Endpoint.actor`)
+    group_names: list = field(default_factory=list)
 
     def start(self) -> Cluster:
         """Create every actor and wait until each has loaded its weights and is listening."""
         # Actors are named (unique to this cluster): components find a restarted peer by its name.
         prefix = f"expertmesh-{uuid.uuid4().hex[:12]}-"
-        group_names = [prefix + g.name for g in self.plan.groups]
+        self.group_names = [prefix + g.name for g in self.plan.groups]
         router_names = [f"{prefix}router-{k}" for k in range(len(self.plan.shards))]
         self.shard_names = [prefix + s.name for s in self.plan.shards]
         try:
             self.groups = [_actor(ExpertGroupComponent, g, self.restarts, name).remote(
                 self.checkpoint, g.experts, self.options, str(g.group), g.replica)
-                for g, name in zip(self.plan.groups, group_names)]
+                for g, name in zip(self.plan.groups, self.group_names)]
             group_addrs = self._addresses(self.groups, "an expert group")
             members: list[list[Endpoint]] = [[] for _ in range(1 + max(g.group for g in self.plan.groups))]
-            for addr, g, name in zip(group_addrs, self.plan.groups, group_names):
+            for addr, g, name in zip(group_addrs, self.plan.groups, self.group_names):
                 members[g.group].append(Endpoint(addr, name, g.experts))
             if self.router == "inline":
                 router_addrs = [members] * len(self.plan.shards)
@@ -196,10 +197,9 @@ class Cluster:
         step can run: an attention shard, a router, or an expert group whose every replica is gone.
         Empty while everything is alive or restarting."""
         def dead(actor) -> bool:
-            # A restarting actor queues a new call; only one that will never run again fails it at
-            # once. Asked twice, so that a process that died during the first answer is not taken
-            # for one past its restarts.
-            for _ in range(2):
+            # The resolvers' rule (GONE_AFTER): a restarting actor queues a new call or says it is
+            # unavailable; one that fails fresh calls as dead again and again will never run again.
+            for _ in range(GONE_AFTER):
                 try:
                     ray.get(actor.info.remote(), timeout=timeout_s)
                     return False

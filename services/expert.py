@@ -18,7 +18,7 @@ import torch
 from expertmesh.model.moe import ExpertGroup
 from expertmesh.services import codec
 from expertmesh.services.access import InternalTLS
-from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, start_internal_server
+from expertmesh.services.internal import DEFAULT_MAX_MESSAGE_BYTES, Connection, ServiceGoneError, start_internal_server
 from expertmesh.services.metrics import ExpertMetrics
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc
 
@@ -107,9 +107,13 @@ class ExpertReplicas:
     turns among equals (one caller sending one message at a time still spreads its load). One that
     finds its replica gone (UNAVAILABLE) goes to another healthy replica at once, while the gone one is
     reconnected in the background after Ray restarts it. With no healthy replica left, the message
-    waits for the first replica to come back, whichever it is; a replica that cannot come back (its
-    restarts used up, its node lost) is given up, and once every replica is given up the message fails.
-    A group without replicas waits for its restart in `Connection`."""
+    waits for the first replica to come back, whichever it is. A replica not back within the restart
+    wait is given up for now and tried again every RETRY_S (a slow restart still rejoins); one that
+    will never come back (`ServiceGoneError`: its restarts used up) is given up for good. Once every
+    replica is given up, messages fail until one is back. A group without replicas waits for its
+    restart in `Connection`."""
+
+    RETRY_S = 30.0
 
     def __init__(self, replicas: list[ExpertStream]):
         if not replicas:
@@ -118,7 +122,7 @@ class ExpertReplicas:
         self._in_flight = [0] * len(replicas)
         self._turn = 0
         self._down: set[int] = set()  # gone, and being reconnected
-        self._lost: set[int] = set()  # gone for good: reconnecting failed
+        self._lost: set[int] = set()  # given up: reconnecting failed (retried later unless gone for good)
         self._changed = asyncio.Event()  # a reconnection ended, either way
         self._revivals: set[asyncio.Task] = set()
 
@@ -149,7 +153,7 @@ class ExpertReplicas:
         is lost."""
         if len(self._lost) == len(self.replicas):
             raise ConnectionError(f"expert group {list(self.experts)}: every replica is gone and none could be "
-                                  "restarted")
+                                  "restarted (yet)")
         self._changed.clear()
         await self._changed.wait()
 
@@ -159,14 +163,24 @@ class ExpertReplicas:
         self._down.add(i)
 
         async def revive():
+            again = False
             try:
                 await self.replicas[i].connection.reconnect(stale)
-            except Exception:  # noqa: BLE001 - given up; messages use the others
-                log.exception("replica %d of experts %s did not come back", i, self.experts)
+                self._lost.discard(i)
+            except ServiceGoneError as exc:
+                log.error("replica %d of experts %s is gone for good: %s", i, self.experts, exc)
                 self._lost.add(i)
+            except Exception as exc:  # noqa: BLE001 - given up for now; messages use the others
+                log.warning("replica %d of experts %s is not back (%s); trying again in %.0f s", i, self.experts,
+                            exc, self.RETRY_S)
+                self._lost.add(i)
+                again = True
             finally:
                 self._down.discard(i)
                 self._changed.set()
+            if again:
+                await asyncio.sleep(self.RETRY_S)
+                self._mark_down(i, stale)
 
         task = asyncio.get_running_loop().create_task(revive())
         self._revivals.add(task)

@@ -150,6 +150,10 @@ class ServiceRestartedError(ConnectionError):
     """The service came back as a new process: whatever state it held is gone."""
 
 
+class ServiceGoneError(ConnectionError):
+    """Raised by a `resolve`: the service will never come back (its actor is dead for good)."""
+
+
 class Connection:
     """One internal service as its caller sees it: a channel and a `StreamExchange` on one of its
     streaming methods. With `resolve` (blocking: it may wait for Ray to restart the service and

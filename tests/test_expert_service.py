@@ -20,7 +20,7 @@ from expertmesh.model.load import load_decoder_stack, load_expert_group, load_lo
 from expertmesh.model.moe import ExpertGroup, Router
 from expertmesh.services import codec
 from expertmesh.services.expert import ExpertReplicas, ExpertServicer, ExpertStream, serve_experts
-from expertmesh.services.internal import EventLoopThread
+from expertmesh.services.internal import EventLoopThread, ServiceGoneError
 from expertmesh.services.router import RemoteRouter
 from expertmesh.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 from test_parity import make_prompts, our_greedy
@@ -311,7 +311,7 @@ def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_
     restarts = []
 
     def restart_cannot() -> str:
-        raise RuntimeError("the actor died and will not be restarted")
+        raise ServiceGoneError("the actor died and will not be restarted")
 
     def restart_once() -> str:  # called off the loop, as a resolver asking Ray is
         if restarts:
@@ -339,4 +339,58 @@ def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_
     finally:
         loop.run(replicas.close())
         for server, _ in restarts:
+            loop.run(server.stop(grace=None))
+
+
+def test_a_replica_slower_to_restart_than_the_wait_rejoins_later(tiny_ckpt, loop):
+    """Both replicas die; replica 1 is not back within the restart wait (its resolve times out), so
+    the message fails. It is tried again later, and once it is back it serves again."""
+    reader = CheckpointReader(tiny_ckpt)
+    experts, hidden = (0, 1, 2, 3), reader.config.hidden_size
+    group = load_expert_group(reader, experts, torch.float32)
+
+    def start() -> tuple[grpc.aio.Server, int]:
+        return loop.run(serve_experts(ExpertServicer(group, hidden, torch.float32)))
+
+    servers, attempts, restarted = [start(), start()], [], []
+
+    def gone() -> str:
+        raise ServiceGoneError("the actor died and will not be restarted")
+
+    def slow_restart() -> str:  # the first wait runs out; by the second the process is back
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise TimeoutError("not back within the restart wait")
+        restarted.append(start())
+        return f"127.0.0.1:{restarted[-1][1]}"
+
+    async def build():
+        replicas = ExpertReplicas([ExpertStream(f"127.0.0.1:{servers[0][1]}", experts, 10, resolve=gone),
+                                   ExpertStream(f"127.0.0.1:{servers[1][1]}", experts, 10, resolve=slow_restart)])
+        replicas.RETRY_S = 0.5
+        return replicas
+
+    replicas = loop.run(build())
+    x, ids = torch.randn(3, hidden), torch.tensor([0, 1, 3])
+    expected = group(0, x, ids)
+    try:
+        assert torch.equal(loop.run(replicas.forward(0, x, ids), timeout_s=30), expected)
+        for server, _ in servers:
+            loop.run(server.stop(grace=None))
+        with pytest.raises(ConnectionError, match="every replica is gone"):
+            loop.run(replicas.forward(0, x, ids), timeout_s=30)
+        deadline = time.monotonic() + 20
+        while not restarted and time.monotonic() < deadline:  # the retry, RETRY_S later
+            time.sleep(0.1)
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            try:
+                reply = loop.run(replicas.forward(0, x, ids), timeout_s=30)
+            except ConnectionError:  # the reconnection is still finishing
+                time.sleep(0.1)
+        assert reply is not None and torch.equal(reply, expected)
+        assert len(attempts) == 2 and attempts[1] - attempts[0] >= 0.5
+    finally:
+        loop.run(replicas.close())
+        for server, _ in restarted:
             loop.run(server.stop(grace=None))

@@ -16,11 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.model.config import ModelConfig
-from expertmesh.orchestrator.actors import RuntimeOptions
+from expertmesh.orchestrator.actors import Endpoint, RuntimeOptions
 from expertmesh.orchestrator.cluster import Cluster
 from expertmesh.orchestrator.placement import plan_cluster
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
+from expertmesh.services.internal import ServiceGoneError
 from expertmesh.services.metrics import GatewayMetrics
 from expertmesh.tokenizer import Tokenizer
 
@@ -107,6 +108,8 @@ def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster,
         got, pause = run(engine, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert got == expected
         print(f"replica killed, no restart -> next token: {pause:.2f} s")
+        with pytest.raises(ServiceGoneError):  # what the router's reconnection found: not a timeout
+            Endpoint("", cluster.group_names[3]).resolver(60)()
         assert cluster.lost() == []  # group 1 still has a replica: nothing is missing
         os.kill(pid_of(cluster.groups[2]), signal.SIGKILL)  # and now that one (no restarts either)
         deadline, lost = time.monotonic() + 30, []
