@@ -296,16 +296,24 @@ def test_attention_shard_takes_more_threads_for_large_steps_and_the_head(tiny_ck
     assert head_seen == [3] * 4
 
 
-def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_ckpt, loop):
-    """Both replicas of a group die. Replica 0 cannot come back (its restarts are used up); replica 1
-    does, at a new address, a moment later: the message waits for it and is answered. Once neither can
-    come back, the message fails at once instead of waiting."""
-    reader = CheckpointReader(tiny_ckpt)
+def group_servers(ckpt, loop):
+    """Experts 0-3 of `ckpt`: (experts, hidden size, the local group, `start()` of another server of
+    them -> (server, port))."""
+    reader = CheckpointReader(ckpt)
     experts, hidden = (0, 1, 2, 3), reader.config.hidden_size
     group = load_expert_group(reader, experts, torch.float32)
 
     def start() -> tuple[grpc.aio.Server, int]:
         return loop.run(serve_experts(ExpertServicer(group, hidden, torch.float32)))
+
+    return experts, hidden, group, start
+
+
+def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_ckpt, loop):
+    """Both replicas of a group die. Replica 0 cannot come back (its restarts are used up); replica 1
+    does, at a new address, a moment later: the message waits for it and is answered. Once neither can
+    come back, the message fails at once instead of waiting."""
+    experts, hidden, group, start = group_servers(tiny_ckpt, loop)
 
     servers = [start(), start()]
     restarts = []
@@ -345,12 +353,7 @@ def test_a_group_whose_replicas_all_died_waits_for_the_one_that_comes_back(tiny_
 def test_a_replica_slower_to_restart_than_the_wait_rejoins_later(tiny_ckpt, loop):
     """Both replicas die; replica 1 is not back within the restart wait (its resolve times out), so
     the message fails. It is tried again later, and once it is back it serves again."""
-    reader = CheckpointReader(tiny_ckpt)
-    experts, hidden = (0, 1, 2, 3), reader.config.hidden_size
-    group = load_expert_group(reader, experts, torch.float32)
-
-    def start() -> tuple[grpc.aio.Server, int]:
-        return loop.run(serve_experts(ExpertServicer(group, hidden, torch.float32)))
+    experts, hidden, group, start = group_servers(tiny_ckpt, loop)
 
     servers, attempts, restarted = [start(), start()], [], []
 
