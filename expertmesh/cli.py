@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-model", formatter_class=_HelpFormatter, help="write a random-weight checkpoint in the Hugging Face Mixtral format")
+    p = sub.add_parser("init-model", formatter_class=_HelpFormatter,
+                       help="write a random-weight checkpoint in the Hugging Face Mixtral format")
     p.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the model's sizes")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-mb", type=int, default=512, help="shard the safetensors past this size")
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("generate", formatter_class=_HelpFormatter, help="stream a completion from a server (or, with --local, in this process)")
+    p = sub.add_parser("generate", formatter_class=_HelpFormatter,
+                       help="stream a completion from a server (or, with --local, in this process)")
     p.add_argument("prompt", help="the text to complete")
     p.add_argument("--address", default="127.0.0.1:50051", help="the server's gRPC address")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of the call, seconds")
@@ -243,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", formatter_class=_HelpFormatter, help="start the cluster on Ray and serve the gRPC Generate API")
+    p = sub.add_parser("serve", formatter_class=_HelpFormatter,
+                       help="start the cluster on Ray and serve the gRPC Generate API")
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model, created once)")
     p.add_argument("--host", default="127.0.0.1", help="address the public API listens on (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=50051, help="0 = any free port (printed)")
@@ -287,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _token_args(p, "every call must carry (health checks stay open)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("top", formatter_class=_HelpFormatter, help="live layer x expert load heat map from a server's metrics endpoint")
+    p = sub.add_parser("top", formatter_class=_HelpFormatter,
+                       help="live layer x expert load heat map from a server's metrics endpoint")
     p.add_argument("--metrics", default="http://127.0.0.1:9464/metrics", help="the serve --metrics-port URL")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws")
     p.add_argument("--iterations", type=int, help="redraw this many times, then exit (default: until Ctrl-C)")

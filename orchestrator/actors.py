@@ -171,8 +171,8 @@ class Endpoint:
     experts: tuple[int, ...] = ()
 
     def resolver(self, timeout_s: float):
-        """A callable that waits (up to `timeout_s`) for the service to be alive and returns its address.
-        It raises once the actor is gone for good (its name is released)."""
+        """A callable that waits (up to `timeout_s`) for the service to be alive and returns its address;
+        it raises `ServiceGoneError` as soon as the actor is gone for good."""
         if self.actor is None:
             return None
         name = self.actor

@@ -261,7 +261,8 @@ def test_a_message_that_does_not_parse_is_invalid_argument(served, method, strea
             served.channel.unary_unary(path)(raw, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("request: not a valid message"), err.value.details()
-    ok = served.stub.Generate(generate_pb2.GenerateRequest(prompt="hi", sampling=greedy(2, ignore_eos=True)), timeout=10)
+    ok = served.stub.Generate(generate_pb2.GenerateRequest(prompt="hi", sampling=greedy(2, ignore_eos=True)),
+                              timeout=10)
     assert len(ok.token_ids) == 2
 
 
