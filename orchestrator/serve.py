@@ -160,6 +160,22 @@ def check_free(flag: str, host: str, port: int | None) -> None:
         raise ValueError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+GROUP_WATCH_S = 15.0
+
+
+async def watch_groups(cluster: Cluster, metrics: GatewayMetrics, every_s: float = GROUP_WATCH_S) -> None:
+    """Look at the expert groups' processes every `every_s`, scraped or not: their up/restart metrics
+    stay current and the serve log says when a group stops answering or comes back as a new process."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            _, pids = await asyncio.to_thread(cluster.metrics_targets)
+        except Exception:  # noqa: BLE001 - the next look may work; the step path reports real trouble
+            log.debug("could not look at the expert groups", exc_info=True)
+            continue
+        metrics.observe_groups(pids)
+
+
 async def serve(opts: ServeOptions) -> int:
     # Certificates, token and checkpoint are checked before anything starts: a bad flag or a damaged
     # file fails in a second, not after Ray or after the first components have loaded their weights.
@@ -187,12 +203,14 @@ async def serve(opts: ServeOptions) -> int:
         shards, groups = info.attention_shards, len(info.expert_groups)
         print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} ({shards} attention "
               f"shard{'s' * (shards != 1)}, {groups} expert group{'s' * (groups != 1)})", flush=True)
+        watch = asyncio.create_task(watch_groups(cluster, metrics))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: draining in-flight requests for up to %.0f s", opts.grace_s)
+        watch.cancel()
         await gateway.stop(opts.grace_s)
         return 0
     finally:

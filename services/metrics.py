@@ -159,25 +159,37 @@ class GatewayMetrics:
                                registry=registry)
         self.kv_used = Gauge("expertmesh_scheduler_kv_cache_used_ratio", "Share of KV-cache positions in use",
                              registry=registry)
-        self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group (replica) answered the last "
-                              "scrape", ["group", "replica"], registry=registry)
+        self.group_up = Gauge("expertmesh_expert_group_up", "1 when the expert group (replica) answered when last "
+                              "looked at (each scrape, and every 15 s)", ["group", "replica"], registry=registry)
         self.group_restarts = Counter("expertmesh_expert_group_restarts", "Expert group (replica) processes seen "
-                                      "replaced by a new one (a new process id at a scrape)", ["group", "replica"],
+                                      "replaced by a new one (a new process id when looked at)", ["group", "replica"],
                                       registry=registry)
         self._group_pids: dict[tuple[str, str], int] = {}
+        self._group_down: set[tuple[str, str]] = set()
+        self._groups_lock = threading.Lock()  # scrapes and the serve process's watch both observe
 
     def observe_groups(self, pids: dict[tuple[int, int], int | None]) -> None:
         """Per (group, replica): its current process id, or None if it did not answer. Sets `group_up`
-        and counts a restart whenever a group answers from a process other than the one seen last."""
-        for (group, replica), pid in pids.items():
-            labels = (str(group), str(replica))
-            self.group_up.labels(*labels).set(0 if pid is None else 1)
-            restarts = self.group_restarts.labels(*labels)  # exported at 0 from the first scrape on
-            if pid is None:
-                continue
-            if self._group_pids.get(labels, pid) != pid:
-                restarts.inc()
-            self._group_pids[labels] = pid
+        and counts a restart whenever a group answers from a process other than the one seen last;
+        logs both changes (so the serve log says what happened to a group)."""
+        with self._groups_lock:
+            for (group, replica), pid in pids.items():
+                labels = (str(group), str(replica))
+                self.group_up.labels(*labels).set(0 if pid is None else 1)
+                restarts = self.group_restarts.labels(*labels)  # exported at 0 from the first scrape on
+                if pid is None:
+                    if labels not in self._group_down:
+                        log.warning("expert group %s replica %s is not answering (restarting, or gone)", *labels)
+                    self._group_down.add(labels)
+                    continue
+                last = self._group_pids.get(labels, pid)
+                if last != pid:
+                    restarts.inc()
+                    log.warning("expert group %s replica %s restarted (process %d, now %d)", *labels, last, pid)
+                elif labels in self._group_down:
+                    log.info("expert group %s replica %s is answering again", *labels)
+                self._group_down.discard(labels)
+                self._group_pids[labels] = pid
 
 
 def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -339,6 +339,26 @@ def test_every_refused_request_is_counted_by_its_code(aio, tiny_ckpt):
         aio.run(gateway.stop(1.0))
 
 
+def test_expert_group_processes_are_counted_and_logged_as_they_change(caplog):
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+
+    def restarts() -> float:
+        return registry.get_sample_value("expertmesh_expert_group_restarts_total", {"group": "1", "replica": "0"})
+
+    with caplog.at_level(logging.INFO, logger="expertmesh.services.metrics"):
+        metrics.observe_groups({(1, 0): 100})
+        metrics.observe_groups({(1, 0): None})
+        metrics.observe_groups({(1, 0): None})  # still down: said once
+        metrics.observe_groups({(1, 0): 101})
+        metrics.observe_groups({(1, 0): 101})
+    assert [r.getMessage() for r in caplog.records] == [
+        "expert group 1 replica 0 is not answering (restarting, or gone)",
+        "expert group 1 replica 0 restarted (process 100, now 101)"]
+    assert restarts() == 1
+    assert registry.get_sample_value("expertmesh_expert_group_up", {"group": "1", "replica": "0"}) == 1
+
+
 def test_burst_beyond_the_queue_is_resource_exhausted(slow):
     barrier = threading.Barrier(6, timeout=10)
 
