@@ -47,8 +47,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
-                and action.option_strings:
+        shown = not (action.default is None or action.default is False or action.default == []
+                     or action.default is argparse.SUPPRESS)  # (0 and 0.0 are shown: `0 in (False,)`)
+        if shown and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 

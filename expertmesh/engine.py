@@ -137,6 +137,12 @@ class Engine:
     def max_len(self) -> int:
         return self.scheduler.max_len
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """Text longer than this cannot fit in the context: every token stands for at most
+        `max_piece_chars` characters (twice that, for normalisers that merge characters)."""
+        return 2 * self.tokenizer.max_piece_chars * self.max_len
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Validate a request and return its prompt ids. ValueError messages start with the field."""
         if (request.prompt is None) == (request.prompt_token_ids is None):
@@ -148,9 +154,7 @@ class Engine:
             field = "prompt"
             if not request.prompt:
                 raise ValueError("prompt: must not be empty")
-            # Every piece covers at most max_piece_chars characters: text this long cannot fit, and
-            # is refused before the tokenizer spends seconds on it.
-            if len(request.prompt) > 2 * self.tokenizer.max_piece_chars * self.max_len:
+            if len(request.prompt) > self.max_prompt_chars:  # refused before the tokenizer spends seconds on it
                 raise ValueError(f"prompt: {len(request.prompt)} characters cannot fit in the context of "
                                  f"{self.max_len} tokens")
             ids = self.tokenizer.encode(request.prompt)

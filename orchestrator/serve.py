@@ -160,20 +160,22 @@ def check_free(flag: str, host: str, port: int | None) -> None:
         raise ValueError(f"{flag}: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-GROUP_WATCH_S = 15.0
+WATCH_S = 15.0
 
 
-async def watch_groups(cluster: Cluster, metrics: GatewayMetrics, every_s: float = GROUP_WATCH_S) -> None:
-    """Look at the expert groups' processes every `every_s`, scraped or not: their up/restart metrics
-    stay current and the serve log says when a group stops answering or comes back as a new process."""
+async def watch_cluster(cluster: Cluster, metrics: GatewayMetrics, engine_loop: EngineLoop,
+                        every_s: float = WATCH_S) -> None:
+    """Look at the components every `every_s`, with or without traffic and scrapes: the groups'
+    up/restart metrics stay current, the serve log says when a group stops answering or comes back as
+    a new process, and a component gone for good turns health NOT_SERVING before a request finds it."""
     while True:
         await asyncio.sleep(every_s)
         try:
             _, pids = await asyncio.to_thread(cluster.metrics_targets)
+            metrics.observe_groups(pids)
+            engine_loop.mark_lost(await asyncio.to_thread(cluster.lost))
         except Exception:  # noqa: BLE001 - the next look may work; the step path reports real trouble
-            log.debug("could not look at the expert groups", exc_info=True)
-            continue
-        metrics.observe_groups(pids)
+            log.debug("could not look at the cluster", exc_info=True)
 
 
 async def serve(opts: ServeOptions) -> int:
@@ -203,7 +205,7 @@ async def serve(opts: ServeOptions) -> int:
         shards, groups = info.attention_shards, len(info.expert_groups)
         print(f"expertmesh: serving {info.model_name} on {opts.host}:{port} ({shards} attention "
               f"shard{'s' * (shards != 1)}, {groups} expert group{'s' * (groups != 1)})", flush=True)
-        watch = asyncio.create_task(watch_groups(cluster, metrics))
+        watch = asyncio.create_task(watch_cluster(cluster, metrics, engine_loop))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -140,8 +140,12 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
             raise
 
     async def Tokenize(self, request, context):
+        engine = self.engine_loop.engine
+        if len(request.text) > engine.max_prompt_chars:  # (and its reply could pass the message size limit)
+            raise ValueError(f"text: {len(request.text)} characters: more than any prompt the context of "
+                             f"{engine.max_len} tokens can hold")
         # On a worker thread, so a long text does not hold up this event loop's other calls.
-        ids = await asyncio.to_thread(self.engine_loop.engine.tokenizer.encode, request.text)
+        ids = await asyncio.to_thread(engine.tokenizer.encode, request.text)
         return generate_pb2.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(self, request, context):

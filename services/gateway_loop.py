@@ -272,11 +272,12 @@ class EngineLoop:
         try:
             outputs = self.engine.step()
         except Exception as exc:  # noqa: BLE001 - e.g. a remote shard failed; the loop lives on
-            log.exception("engine step failed; failing %d requests", len(self._active))
-            gone = self._lost()
-            if gone:
-                self._break(f"the cluster cannot serve: {'; '.join(gone)} gone for good (Ray's restarts used "
-                            "up); the server must be restarted")
+            if isinstance(exc, grpc.RpcError):  # a component's error: its text says it, our stack does not
+                log.error("engine step failed; failing %d requests: %s", len(self._active),
+                          _describe(exc, limit=2000))
+            else:
+                log.exception("engine step failed; failing %d requests", len(self._active))
+            self.mark_lost(self._lost())
             self._fail_all(EngineUnavailableError(self._broken or f"engine step failed: {_describe(exc)}"))
             return
         self._observe_step(min(batch, self.engine.scheduler.num_slots), outputs)
@@ -298,6 +299,13 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - no diagnosis is no reason to stop serving
             log.exception("could not tell whether any component is gone for good")
             return []
+
+    def mark_lost(self, gone: list[str]) -> None:
+        """`gone`: components gone for good (`Cluster.lost`). If any, the loop is broken for good
+        (thread-safe; the first reason stays)."""
+        if gone:
+            self._break(f"the cluster cannot serve: {'; '.join(gone)} gone for good (Ray's restarts used up); "
+                        "the server must be restarted")
 
     def _break(self, reason: str) -> None:
         with self._lock:

@@ -435,6 +435,43 @@ def test_a_failed_steps_error_reaches_clients_in_one_short_line():
     assert _describe(ConnectionError()) == "ConnectionError"
 
 
+def test_the_cluster_watch_reports_a_component_gone_for_good_without_any_request(aio, tiny_ckpt):
+    """`serve`'s watch: with no traffic at all, a component gone for good turns health NOT_SERVING."""
+    from expertmesh.orchestrator.serve import watch_cluster
+
+    class Cluster:  # what the watch asks of the real one (Cluster.lost is tested on Ray in test_faults)
+        gone: list[str] = []
+
+        def metrics_targets(self):
+            return [], {(0, 0): None if self.gone else 7}
+
+        def lost(self):
+            return list(self.gone)
+
+    engine, cluster = slow_engine(tiny_ckpt), Cluster()
+    engine_loop = EngineLoop(engine)
+    gateway, port = aio.run(start_gateway(engine_loop, ModelInfo.local(engine, "tiny"), ready=True))
+    watch = asyncio.run_coroutine_threadsafe(watch_cluster(cluster, GatewayMetrics(CollectorRegistry()),
+                                                           engine_loop, every_s=0.05), aio.loop)
+    address = f"127.0.0.1:{port}"
+    try:
+        time.sleep(0.3)
+        assert check_health(address) == health_pb2.HealthCheckResponse.SERVING  # everything alive
+        cluster.gone = ["expert group 0 (experts 0, 1)"]
+        deadline = time.monotonic() + 10
+        while check_health(address) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert check_health(address, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
+            generate_pb2_grpc.GenerateServiceStub(channel).Generate(
+                generate_pb2.GenerateRequest(prompt="hi", sampling=greedy(2)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details().startswith("the cluster cannot serve: expert group 0 (experts 0, 1) gone for good")
+    finally:
+        watch.cancel()
+        aio.run(gateway.stop(1.0))
+
+
 def test_a_stream_whose_client_is_gone_is_not_logged_as_an_error(caplog):
     """grpc's own ERROR for a message sent after the call ended becomes one DEBUG line of ours."""
     with caplog.at_level(logging.DEBUG):
@@ -442,6 +479,15 @@ def test_a_stream_whose_client_is_gone_is_not_logged_as_an_error(caplog):
             "ExecuteBatchError raised in core by servicer method [/expertmesh.v1.GenerateService/GenerateStream]")
     assert [r.levelname for r in caplog.records] == ["DEBUG"]
     assert "client was gone" in caplog.records[0].getMessage()
+
+
+def test_tokenize_refuses_text_longer_than_any_prompt(served):
+    limit = served.engine.max_prompt_chars
+    assert len(served.stub.Tokenize(generate_pb2.TokenizeRequest(text="x" * limit), timeout=30).token_ids) > 1
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Tokenize(generate_pb2.TokenizeRequest(text="x" * (limit + 1)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"text: {limit + 1} characters"), err.value.details()
 
 
 def test_tokenize_and_model_info(served):
