@@ -163,10 +163,12 @@ class Cluster:
         return next(name for name, d in DTYPES.items() if d == dtype)
 
     def runner(self, timeout_s: float | None = None) -> ShardChain:
+        """The shards as the engine's step runner. It holds this cluster, so the components live as
+        long as it does even where the caller keeps no other reference."""
         resolvers = [Endpoint(a, name).resolver(self.options.restart_timeout_s)
                      for a, name in zip(self.shard_addresses, self.shard_names)]
         return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s,
-                          resolvers=resolvers, tls=self.options.tls())
+                          resolvers=resolvers, tls=self.options.tls(), owner=self)
 
     def describe(self) -> dict:
         """Where every component runs: {"groups": [...], "routers": [...], "shards": [...]} of info dicts."""

@@ -156,10 +156,13 @@ class ShardChain:
 
     def __init__(self, addresses: Sequence[str], timeout_s: float = 60.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 resolvers: Sequence[Callable[[], str] | None] | None = None, tls: InternalTLS | None = None):
+                 resolvers: Sequence[Callable[[], str] | None] | None = None, tls: InternalTLS | None = None,
+                 owner: object = None):
         """`resolvers[k]`, if given, waits for shard k to be back after a restart and returns its
         address: a step that finds it gone then raises `CacheLostError` (its KV cache went with it)
-        and the engine re-prefills every running sequence."""
+        and the engine re-prefills every running sequence. `owner` is held for as long as the chain
+        is: whatever keeps the components alive (a Ray actor lives while a handle to it does)."""
+        self.owner = owner
         self._loop = EventLoopThread("shard-chain")
         self._loop.run(self._connect(addresses, timeout_s, max_message_bytes, resolvers or [None] * len(addresses),
                                      tls))

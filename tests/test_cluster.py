@@ -4,8 +4,10 @@ fourth), across topologies."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,28 @@ def test_cluster_matches_single_process_engine(ray_cluster, tiny_ckpt, reference
         runner.close()
     finally:
         cluster.shutdown()
+
+
+def test_a_runner_keeps_its_cluster_alive(ray_cluster, tiny_ckpt, reference_tokens):
+    """Ray removes an actor once no handle to it is left: a caller that keeps only the runner still
+    gets every token, and the components go when the runner does."""
+    cfg = ModelConfig.from_checkpoint(tiny_ckpt)
+    cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, attention_shards=1, expert_groups=2),
+                      RuntimeOptions(threads=1), SLOTS, MAX_LEN, router="inline").start()
+    runner, pids = cluster.runner(), [info["pid"] for info in cluster.describe()["shards"]]
+    del cluster
+    gc.collect()
+    time.sleep(1.0)  # long enough for Ray to act on the dropped handles, were they the last ones
+    engine = Engine(runner, Tokenizer.from_checkpoint(tiny_ckpt), cfg, Scheduler(SLOTS, MAX_LEN))
+    reqs = requests()[:4]
+    assert run_staggered(engine, reqs) == {r.request_id: reference_tokens[r.request_id] for r in reqs}
+    runner.close()
+    del engine, runner
+    gc.collect()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
 def test_each_expert_group_gets_its_own_gpu(ray_cluster, tiny_ckpt):
