@@ -117,9 +117,10 @@ def load(out_dir: str) -> dict[str, list[tuple]]:
     return kinds
 
 
-def layer_phases(kinds: dict[str, list[tuple]], tokens: int) -> dict[str, list[float]]:
-    """Per decode layer of `tokens` tokens whose every group message was recorded end to end: its
-    phases in seconds."""
+def layer_phases(kinds: dict[str, list[tuple]], tokens: int,
+                 driver_steps: list[tuple[float, float]]) -> dict[str, list[float]]:
+    """Per decode layer of `tokens` tokens (inside one of the driver's decode steps) whose every
+    group message was recorded end to end: its phases in seconds."""
     sends, handlers = defaultdict(list), defaultdict(list)
     for key, layer, start, end, rows in kinds["send"]:
         sends[key].append((start, end, layer))
@@ -129,8 +130,10 @@ def layer_phases(kinds: dict[str, list[tuple]], tokens: int) -> dict[str, list[f
     send_starts = {k: [s[0] for s in ss] for k, ss in sends.items()}
     phases = defaultdict(list)
     by_router = defaultdict(list)
+    step_starts = [a for a, _ in driver_steps]
     for key, layer, start, end, rows in kinds["layer"]:
-        if rows == tokens:
+        i = bisect.bisect_right(step_starts, start) - 1
+        if rows == tokens and i >= 0 and end <= driver_steps[i][1]:
             by_router[key].append((start, end, layer))
     for layers in by_router.values():
         for i, (start, end, layer) in enumerate(layers):
@@ -223,7 +226,8 @@ def step_budget(kinds: dict[str, list[tuple]], driver_steps: list[tuple[float, f
 
 def timed_steps(engine: Engine, concurrency: int, seconds: float, parts: dict[str, list[float]] | None = None
                 ) -> list[tuple[float, float]]:
-    """Decode for about `seconds`; the (start, end) of every step of `concurrency` tokens. With
+    """Decode for about `seconds`; the (start, end) of every decode step of `concurrency` sequences
+    (one new token each: a prefill of the same number of tokens does not count). With
     `parts` (a local engine), also each step's MoE time summed over the layers, and the time between
     one layer's MoE and the next's (that layer's attention)."""
     runner, steps = engine.runner, []
@@ -240,7 +244,7 @@ def timed_steps(engine: Engine, concurrency: int, seconds: float, parts: dict[st
         calls.clear()
         start = time.perf_counter()
         ids = run(plan)
-        if len(plan.token_ids) == concurrency:
+        if len(plan.token_ids) == concurrency and all(q == 1 for q in plan.q_lens):
             steps.append((start, time.perf_counter()))
             if parts is not None:
                 parts["  its layers' MoE"].append(sum(b - a for a, b in calls))
@@ -306,7 +310,7 @@ def main() -> None:
         measure(remote, make_requests(c, 32, 4))  # warm-up
         steps = timed_steps(remote, c, args.seconds)
         kinds = load(out_dir)
-        phases, budget = layer_phases(kinds, c), step_budget(kinds, steps, c)
+        phases, budget = layer_phases(kinds, c, steps), step_budget(kinds, steps, c)
         engine = defaultdict(list)
         engine_steps = timed_steps(local, c, args.seconds / 3, engine)
         layers, whole = len(phases["the layer's MoE, whole"]), len(budget["the driver's step, whole"])
