@@ -4,6 +4,7 @@ Ray cluster on this machine."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -81,9 +82,15 @@ ATTENTION, EXPERT = "attention", "expert"  # custom resources marking the two no
 # only within one node, and expert groups are what asks for whole GPUs.
 DECLARED_GPUS = 8
 RAY_START_TIMEOUT_S = 120
-# Loopback, but not 127.0.0.1: `ray start --address` replaces 127.0.0.1 and "localhost" with the
-# machine's outward address (ray-project/ray#59110), where nothing of ours listens.
-NODE_IP = "127.0.0.2"
+# Ray's GCS, raylets and workers listen on loopback only when their node's address is 127.0.0.1; on
+# any other, 127.0.0.2 included, they listen on every interface.
+NODE_IP = "127.0.0.1"
+# `ray start --address 127.0.0.1:PORT` replaces 127.0.0.1 with the machine's outward address
+# (ray-project/ray#59110), where the head does not listen. The joining node runs Ray's own `ray start`
+# with that replacement left out, and keeps the address as given.
+_RAY_START_AS_GIVEN = ("import sys, ray._private.services as services; "
+                       "services.resolve_ip_for_localhost = lambda host: host; "
+                       "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,31 @@ class TwoNodeRay:
     address: str  # GCS address, for `ray.init(address=...)` and `expertmesh serve --ray-address`
     attention_node: str  # node id of the head, which advertises the "attention" resource
     expert_node: str  # node id of the joined node: the "expert" resource and the declared GPUs
+    sessions: tuple[int, ...]  # the process sessions of the two nodes (every Ray process they start)
+
+    def listeners(self) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]:
+        """(address, port, pid) of every TCP socket listening in a process of the two nodes."""
+        inodes = {}
+        for sid in self.sessions:
+            for pid in _session_pids(sid):
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    for fd in Path(f"/proc/{pid}/fd").iterdir():
+                        with contextlib.suppress(OSError):
+                            target = os.readlink(fd)
+                            if target.startswith("socket:["):
+                                inodes[target[8:-1]] = pid
+        found = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                host, port = local.split(":")
+                raw = bytes.fromhex(host)  # 32-bit words in the host's (little-endian) order
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((ipaddress.ip_address(packed), int(port, 16), inodes[inode]))
+        return found
 
 
 def _free_ports(n: int) -> list[int]:
@@ -110,7 +142,8 @@ def _free_ports(n: int) -> list[int]:
 def _start_node(temp_dir: Path, name: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
     """`ray start --block` as our own child, leading its own process group (so it can be stopped whole,
     and only it). Every listener on loopback; ports the CLI would fix at a default are chosen free."""
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", NODE_IP,
+    start = ["-c", _RAY_START_AS_GIVEN] if "--address" in args else ["-m", "ray.scripts.scripts"]
+    cmd = [sys.executable, *start, "start", "--block", "--node-ip-address", NODE_IP,
            "--temp-dir", str(temp_dir), "--dashboard-agent-listen-port", "0", "--object-store-memory",
            str(128 << 20), "--num-cpus", "2", *args]
     with open(temp_dir / f"{name}.log", "w") as log:  # the child keeps its own copy of the file
@@ -183,12 +216,15 @@ def ray_cluster():
     driver. Both nodes are processes this session started, and it stops exactly those."""
     ray = pytest.importorskip("ray")
     temp_dir = Path(tempfile.mkdtemp(prefix="em-ray-"))  # short: Ray's socket paths live under it
-    gcs_port, client_port = _free_ports(2)
+    gcs_port, client_port, autoscaler_metrics, dashboard_metrics = _free_ports(4)
     address = f"{NODE_IP}:{gcs_port}"
-    # Both nodes: no draining on SIGTERM (there is nothing to drain in tests and it waits 30 s).
+    # Both nodes: no draining on SIGTERM (there is nothing to drain in tests and it waits 30 s), and
+    # free ports for the two metrics servers Ray would otherwise put on fixed ones (44217, 44227),
+    # which another Ray on this machine may hold.
     # The joined one also needs Ray's multi-node switch on: "0" (set for this session) means to Ray
     # that no second node may join. Both run on loopback all the same, from --node-ip-address.
-    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "AUTOSCALER_METRIC_PORT": str(autoscaler_metrics), "DASHBOARD_METRIC_PORT": str(dashboard_metrics)}
     nodes: list[subprocess.Popen] = []
     try:
         nodes.append(_start_node(
@@ -212,7 +248,7 @@ def ray_cluster():
             # For what finds its cluster by itself (Ray's state API): not by the machine's processes,
             # which include other Ray clusters.
             mp.setenv("RAY_ADDRESS", address)
-            yield TwoNodeRay(address, node_with(ATTENTION), node_with(EXPERT))
+            yield TwoNodeRay(address, node_with(ATTENTION), node_with(EXPERT), tuple(n.pid for n in nodes))
     finally:
         ray.shutdown()
         for node in reversed(nodes):  # the joined node first, while its GCS is still there

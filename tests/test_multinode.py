@@ -25,6 +25,12 @@ def test_serve_places_experts_and_attention_on_their_nodes(ray_cluster, tiny_ckp
         wait_serving(address)
         stub = generate_pb2_grpc.GenerateServiceStub(grpc.insecure_channel(address))
 
+        # Every Ray process of both nodes, the components' workers included, listens on loopback only.
+        listeners = ray_cluster.listeners()
+        assert len({pid for _, _, pid in listeners}) >= 6  # GCS, raylets, agents, the components' workers
+        assert [(str(ip), port, pid) for ip, port, pid in listeners
+                if not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback] == []
+
         info = stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
         assert [(list(g.experts), g.node_id) for g in info.expert_groups] == [
             ([0, 1, 2, 3], ray_cluster.expert_node), ([4, 5, 6, 7], ray_cluster.expert_node)]
