@@ -247,7 +247,7 @@ class RouterComponent:
     async def _serve(self, reader: CheckpointReader, layers: tuple[int, ...], groups: Groups,
                      options: RuntimeOptions, host: str):
         router = remote_router(reader, layers, groups, options)
-        metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
+        metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts, layers)
         servicer = RouterServicer(metrics.metered(router) if metrics else router, layers, reader.config.hidden_size,
                                   options.torch_dtype(reader), options.torch_device())
         return await serve_router(servicer, f"{host}:0", tls=options.tls())
@@ -284,7 +284,7 @@ class AttentionShardComponent:
                                resolve=router.resolver(options.restart_timeout_s), tls=options.tls())
         else:
             moe = remote_router(reader, stack.layers, router, options)
-            metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts)
+            metrics = self.metrics.make(RouterMetrics, reader.config.num_local_experts, stack.layers)
             moe = metrics.metered(moe) if metrics else moe
         cores = _cores(options.threads) if options.device == "cpu" else None
         servicer = AttentionServicer(stack, moe, self.metrics.make(AttentionMetrics), name, threads=options.threads,

@@ -43,7 +43,9 @@ class RouterMetrics:
 
     FOLD_AT = 1024
 
-    def __init__(self, registry: CollectorRegistry, num_experts: int):
+    def __init__(self, registry: CollectorRegistry, num_experts: int, layers: Iterable[int] = ()):
+        """`layers`: the layers whose gates this process holds. Their series start at 0, so an expert
+        that no token has reached yet counts in a layer's mean load (the imbalance rule)."""
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._lock = threading.Lock()
         registry.register(_BeforeCollect(self.fold))  # registered first: collected before the counters
@@ -54,11 +56,24 @@ class RouterMetrics:
         self.dispatch = Histogram("expertmesh_router_dispatch_seconds", "One layer's MoE for one step: routing, "
                                   "the calls to expert groups, combining", ["layer"], buckets=_LATENCY_BUCKETS,
                                   registry=registry)
+        # Per layer: a layer has one router, so the series of different processes never collide.
         self.sent = Counter("expertmesh_router_sent_bytes_total", "Hidden-state bytes sent to expert groups",
-                            registry=registry)
+                            ["layer"], registry=registry)
         self.received = Counter("expertmesh_router_received_bytes_total",
-                                "Hidden-state bytes received from expert groups", registry=registry)
+                                "Hidden-state bytes received from expert groups", ["layer"], registry=registry)
         self.num_experts = num_experts
+        self._bytes: dict[int, tuple] = {}  # layer -> its (sent, received) series, looked up once
+        for layer in layers:
+            self._bytes_of(layer)
+            for e in range(num_experts):
+                self.tokens.labels(layer, e)
+                self.weight.labels(layer, e)
+
+    def _bytes_of(self, layer: int) -> tuple:
+        series = self._bytes.get(layer)
+        if series is None:
+            series = self._bytes[layer] = (self.sent.labels(layer), self.received.labels(layer))
+        return series
 
     def metered(self, router: RemoteRouter) -> AsyncMoE:
         """`router` as an MoE that records routing, dispatch latency and bytes (installs its observer)."""
@@ -70,8 +85,9 @@ class RouterMetrics:
             y = await router(layer, x)
             self.dispatch.labels(layer).observe(time.perf_counter() - start)
             nbytes = x.shape[0] * top_k * x.shape[1] * x.element_size()  # each routed row, out and back
-            self.sent.inc(nbytes)
-            self.received.inc(nbytes)
+            sent, received = self._bytes_of(layer)
+            sent.inc(nbytes)
+            received.inc(nbytes)
             return y
 
         return moe

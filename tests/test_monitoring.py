@@ -186,6 +186,8 @@ def test_queries_name_only_metrics_and_labels_that_exist():
         assert used <= labels, f"{expr}: unknown labels {used - labels}"
     for legend in _legends():
         assert set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)) <= labels, legend
+        # Grafana fills in {{label}} only: a single-brace {label} shows as written.
+        assert not re.search(r"[{}]", re.sub(r"\{\{\s*\w+\s*\}\}", "", legend)), legend
 
 
 def test_every_metric_and_recording_rule_is_on_the_dashboard():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import torch
@@ -94,3 +95,37 @@ def test_decisions_queued_while_another_thread_scrapes_are_all_counted():
         scraper.join(timeout=30)
     assert not scraper.is_alive()
     _assert_counts(_scrape(registry), _expected(decisions, 8))
+
+
+class _Identity:
+    """Stands in for a RemoteRouter around the metrics: top-2 routing whose MoE returns its input."""
+
+    class router:  # noqa: N801 - the attribute the metrics read
+        top_k, observe = 2, None
+
+    async def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _samples(registry: CollectorRegistry, family: str) -> dict[tuple, float]:
+    return {tuple(sorted(s.labels.items())): s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode()) if f.name == family
+            for s in f.samples if s.name.endswith("_total")}
+
+
+def test_every_series_of_a_routers_layers_starts_at_zero_and_bytes_are_per_layer():
+    """Two routers (two shards' layers): their series are disjoint, so the gateway's merged page keeps
+    both; an expert no token reached yet is there at 0, so it counts in the layer's mean load."""
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    routers = [RouterMetrics(registries[0], 8, layers=(0, 1)), RouterMetrics(registries[1], 8, layers=(2, 3))]
+    for k, registry in enumerate(registries):
+        tokens = _samples(registry, "expertmesh_router_tokens")
+        assert tokens == {(("expert", str(e)), ("layer", str(layer))): 0.0 for layer in (2 * k, 2 * k + 1)
+                          for e in range(8)}
+    x = torch.zeros(3, 16)  # 3 tokens of 16 floats: 3 x 2 routed rows x 64 bytes each way
+    for k, metrics in enumerate(routers):
+        asyncio.run(metrics.metered(_Identity())(2 * k + 1, x))
+    for family in ("expertmesh_router_sent_bytes", "expertmesh_router_received_bytes"):
+        got = [_samples(registry, family) for registry in registries]
+        assert got == [{(("layer", "0"),): 0.0, (("layer", "1"),): 384.0},
+                       {(("layer", "2"),): 0.0, (("layer", "3"),): 384.0}]
