@@ -179,6 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from expertmesh.orchestrator.cluster import ComponentStartError
     from expertmesh.orchestrator.serve import ServeOptions, serve
 
+    if args.start_timeout <= 0:
+        print(f"expertmesh serve: --start-timeout ({args.start_timeout:g}) must be positive", file=sys.stderr)
+        return 2
     if args.max_tokens_per_step < args.max_batch_size:
         print(f"expertmesh serve: --max-tokens-per-step ({args.max_tokens_per_step}) must be at least "
               f"--max-batch-size ({args.max_batch_size}): every running sequence decodes one token per step",
@@ -195,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_per_step=args.max_tokens_per_step,
         internal_tls=_internal_tls(args),
         threads=args.threads, attention_threads=args.attention_threads, head_threads=args.head_threads,
-        grace_s=args.grace,
+        grace_s=args.grace, start_timeout_s=args.start_timeout,
         metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token,
         auth_token_file=args.auth_token_file)
     _warn_if_token_in_argv(args)
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads of the last attention shard's LM head, which runs while every other "
                         "component waits (default: the node's cores, at most 8)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds every component gets to be placed and load its weights (nodes an autoscaler "
+                        "adds, image pulls and weight reads included) before serve gives up")
     p.add_argument("--metrics-port", type=int, help="serve the whole cluster's Prometheus metrics on this port")
     p.add_argument("--tls-cert", metavar="FILE", help="serve the API over TLS with this PEM certificate chain")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM, unencrypted)")

@@ -63,6 +63,7 @@ class ServeOptions:
     head_threads: int | None = None  # for the LM head; None: the node's cores, at most 8
     metrics_port: int | None = None
     grace_s: float = 10.0
+    start_timeout_s: float = 300.0  # for the components to be placed and loaded
     # The public API's access control (see services/access.py): PEM files, and the token or its file.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -119,7 +120,7 @@ def start_cluster(opts: ServeOptions, cfg: ModelConfig, tokenizer: Tokenizer, pl
                              attention_threads=opts.attention_threads, head_threads=opts.head_threads, host=None,
                              internal_tls=opts.internal_tls)
     cluster = Cluster(str(Path(opts.model).resolve()), plan, runtime, opts.max_batch_size, max_len,
-                      router=opts.router).start()
+                      router=opts.router, start_timeout_s=opts.start_timeout_s).start()
     try:
         engine = Engine(cluster.runner(), tokenizer, cfg,
                         Scheduler(opts.max_batch_size, max_len, max_tokens_per_step=opts.max_tokens_per_step,

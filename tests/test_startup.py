@@ -250,6 +250,20 @@ def test_a_component_ray_cannot_place_fails_start_with_why(ray_cluster, tiny_ckp
     assert_none_left(alive_before)
 
 
+def test_serve_gives_up_at_its_start_timeout(ray_cluster, tiny_ckpt):
+    """`--start-timeout` is the wait for the components (300 s by default; longer where an autoscaler
+    adds GPU nodes): serve gives up after it with the reason, and leaves no actor behind."""
+    alive_before = {a.actor_id for a in alive_components()}
+    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
+           "--ray-address", ray_cluster.address, "--expert-resource", "no-such-pool", "--start-timeout", "4",
+           "--max-batch-size", "2", "--max-seq-len", "32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "expertmesh serve: an expert group was not up within 4 s: Ray cannot place every component" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert_none_left(alive_before)
+
+
 def test_a_component_no_single_node_can_hold_fails_start_with_why(ray_cluster, tiny_ckpt):
     """Attention shards asking for half a GPU on the attention pool, whose node has none (the GPUs are
     on the expert node): the totals would allow it, but no node can hold a shard. Start fails at its
