@@ -352,10 +352,9 @@ def _gpus_per_pod(group: dict) -> int:
 def test_the_worker_groups_have_the_gpus_the_gateway_asks_for():
     flags = _serve_flags()
     assert flags.device == "cuda"
-    # With --router service each shard has a router actor beside it asking for the same share.
-    actors_per_shard = 1 if flags.router == "inline" else 2
+    # Routers (--router service) hold no GPU: only the shards count against the attention pods' GPUs.
     for resource, actors, share in (
-            (flags.attention_resource, flags.attention_shards * actors_per_shard, flags.gpus_per_shard or 1.0),
+            (flags.attention_resource, flags.attention_shards, flags.gpus_per_shard or 1.0),
             (flags.expert_resource, flags.expert_groups, flags.gpus_per_group or 1.0)):
         group = _group_with(resource)
         per_pod = _gpus_per_pod(group)
