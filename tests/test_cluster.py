@@ -80,13 +80,17 @@ def test_a_runner_keeps_its_cluster_alive(ray_cluster, tiny_ckpt, reference_toke
     cfg = ModelConfig.from_checkpoint(tiny_ckpt)
     cluster = Cluster(str(tiny_ckpt), plan_cluster(cfg, attention_shards=1, expert_groups=2),
                       RuntimeOptions(threads=1), SLOTS, MAX_LEN, router="inline").start()
-    runner, pids = cluster.runner(), [info["pid"] for info in cluster.describe()["shards"]]
+    placed = cluster.describe()
+    runner, pids = cluster.runner(), [info["pid"] for info in placed["shards"] + placed["groups"]]
     del cluster
     gc.collect()
-    time.sleep(1.0)  # long enough for Ray to act on the dropped handles, were they the last ones
+    for _ in range(30):  # 3 s: Ray removes actors whose last handle is gone within a second here
+        assert all(Path(f"/proc/{pid}").exists() for pid in pids)
+        time.sleep(0.1)
     engine = Engine(runner, Tokenizer.from_checkpoint(tiny_ckpt), cfg, Scheduler(SLOTS, MAX_LEN))
     reqs = requests()[:4]
     assert run_staggered(engine, reqs) == {r.request_id: reference_tokens[r.request_id] for r in reqs}
+    assert all(Path(f"/proc/{pid}").exists() for pid in pids)
     runner.close()
     del engine, runner
     gc.collect()

@@ -115,6 +115,7 @@ def test_expert_replicas_share_load_and_fail_over_without_a_restart(ray_cluster,
         deadline, lost = time.monotonic() + 30, []
         while not lost and time.monotonic() < deadline:  # until Ray has noticed
             lost = cluster.lost()
+            time.sleep(0.2)
         experts = ", ".join(map(str, plan.groups[2].experts))
         assert lost == [f"expert group 1 (experts {experts})"]
     finally:

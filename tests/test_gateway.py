@@ -165,15 +165,13 @@ def test_stream_adds_up_to_the_unary_result(served):
 
 def test_stream_delivers_tokens_as_they_are_generated(slow):
     steps_before = slow.engine.runner.steps
-    arrivals, steps_seen = [], []
+    steps_seen = []  # engine steps run when each message arrived
     for chunk in slow.stub.GenerateStream(generate_pb2.GenerateRequest(
             prompt="Streaming", sampling=greedy(16, ignore_eos=True)), timeout=30):
-        arrivals.append(time.monotonic())
         steps_seen.append(slow.engine.runner.steps - steps_before)
-    assert len(arrivals) == 16
-    assert arrivals[0] < arrivals[-1]
+    assert len(steps_seen) == 16
     assert steps_seen[0] < 16  # the first token arrived while later ones were still to be generated
-    assert arrivals[-1] - arrivals[0] > 15 * STEP_DELAY_S * 0.5
+    assert steps_seen[-1] - steps_seen[0] >= 8  # and the stream spread over the steps that made them
 
 
 

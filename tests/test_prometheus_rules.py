@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 PROM = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")
@@ -23,7 +24,8 @@ def promtool(*args: str) -> str:
 
 
 def test_rules_are_valid():
-    assert "SUCCESS: 6 rules found" in promtool("check", "rules", "rules.yml")
+    count = sum(len(group["rules"]) for group in yaml.safe_load((PROM / "rules.yml").read_text())["groups"])
+    assert count > 0 and f"SUCCESS: {count} rules found" in promtool("check", "rules", "rules.yml")
 
 
 def test_alert_unit_tests_pass():
