@@ -96,7 +96,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     assert other_seed != alone
 
 
-def test_stop_string_stop_token_and_eos(engine):
+def test_stop_string_and_stop_token(engine):
     base = engine.generate([GenerationRequest(prompt="Once upon", params=greedy(16))])[0]
     # a stop string taken from the middle of the greedy text cuts it there
     cut = len(base.text) // 2

@@ -494,7 +494,9 @@ def test_tokenize_and_model_info(served):
         served.engine.tokenizer.encode(text)
     info = served.stub.GetModelInfo(generate_pb2.GetModelInfoRequest(), timeout=10)
     cfg = served.engine.cfg
-    assert (info.model_name, info.vocab_size, info.context_length) == ("tiny", 32000, 128)
+    assert (info.model_name, info.vocab_size, info.context_length) == \
+        ("tiny", cfg.vocab_size, served.engine.max_len)  # the name `Served` gave ModelInfo
+    assert served.engine.max_len == 128  # the fixture's max_seq_len, below the model's context
     assert (info.num_layers, info.num_experts, info.experts_per_token, info.attention_shards) == \
         (cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok, 1)
     [group] = info.expert_groups
