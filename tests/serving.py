@@ -99,3 +99,14 @@ def serve_process(model, ray_address: str | None, *flags: str) -> Iterator[tuple
     while alive_components() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert alive_components() == [], "actors left behind after SIGTERM"
+
+
+def serve_without_ray(tmp_path, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """`expertmesh serve ARGS`, which should stop before Ray starts: its own embedded Ray would live
+    under `tmp_path/ray-tmp` (RAY_TMPDIR), and that folder must never appear. No RAY_ADDRESS."""
+    ray_tmp = tmp_path / "ray-tmp"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "expertmesh.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env={**env, "RAY_TMPDIR": str(ray_tmp)})
+    assert not ray_tmp.exists(), f"Ray was started: {done.stderr}"
+    return done

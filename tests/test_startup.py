@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 from safetensors.torch import save_file
 from conftest import ATTENTION
+from serving import serve_without_ray
 from test_serve import alive_components
 
 from expertmesh.model.config import ModelConfig
@@ -284,38 +285,32 @@ def test_a_component_no_single_node_can_hold_fails_start_with_why(ray_cluster, t
     (("--gpus-per-group", "1.5"), "gpus_per_group above 1 must be a whole number of GPUs, got 1.5"),
     (("--attention-shards", "99"), "attention_shards"),  # more shards than layers
 ])
-def test_a_plan_that_cannot_work_is_refused_before_ray_starts(tiny_ckpt, flags, message):
+def test_a_plan_that_cannot_work_is_refused_before_ray_starts(tiny_ckpt, flags, message, tmp_path):
     """Flags that no cluster could serve fail in a second, before an embedded Ray is started."""
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
-           *flags]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    done = serve_without_ray(tmp_path, "--model", str(tiny_ckpt), "--port", str(free_port()), *flags)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("expertmesh: error: ")]
     assert len(errors) == 1 and message in errors[0], done.stderr
-    assert "Started a local Ray instance" not in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
-def test_a_port_in_use_is_refused_before_ray_starts(tiny_ckpt, flag):
+def test_a_port_in_use_is_refused_before_ray_starts(tiny_ckpt, flag, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         flags = ["--port", str(port)] if flag == "--port" else ["--port", str(free_port()), flag, str(port)]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        done = subprocess.run([sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), *flags],
-                              capture_output=True, text=True, timeout=60, env=env)
+        done = serve_without_ray(tmp_path, "--model", str(tiny_ckpt), *flags)
     assert done.returncode == 2, done.stderr
     assert f"expertmesh: error: {flag}: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
-    assert "Started a local Ray instance" not in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr
 
 
-def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt):
+def test_step_budget_below_the_batch_size_is_refused_before_start(tiny_ckpt, tmp_path):
     """Every running sequence decodes one token per step, so the budget must hold a full batch."""
-    cmd = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(tiny_ckpt), "--port", str(free_port()),
-           "--max-batch-size", "8", "--max-tokens-per-step", "4"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    done = serve_without_ray(tmp_path, "--model", str(tiny_ckpt), "--port", str(free_port()), "--max-batch-size",
+                             "8", "--max-tokens-per-step", "4")
     assert done.returncode == 2, done.stderr
     assert "--max-tokens-per-step (4) must be at least --max-batch-size (8)" in done.stderr
     assert "Traceback" not in done.stderr
