@@ -12,7 +12,6 @@ cluster share one file system, so for that case the serve process's own check is
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
