@@ -219,6 +219,8 @@ def test_plaintext_client_cannot_use_the_tls_port(secured):
         with pytest.raises(grpc.RpcError) as err:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with secured.channel() as channel:  # and a proper client is served right after
+        assert generate(channel, secured.metadata).token_ids
 
 
 def test_client_that_does_not_trust_the_ca_cannot_connect(secured):
@@ -227,6 +229,8 @@ def test_client_that_does_not_trust_the_ca_cannot_connect(secured):
         with pytest.raises(grpc.RpcError) as err:
             generate(channel, secured.metadata)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with secured.channel() as channel:  # and a proper client is served right after
+        assert generate(channel, secured.metadata).token_ids
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -72,6 +72,9 @@ def test_arbitrary_requests_get_a_deliberate_status(server, request, stream):
     else:
         code = code_of(lambda: server.Generate(request, timeout=30))
     assert code in ALLOWED, f"{code} for {request}"
+    still = server.Generate(generate_pb2.GenerateRequest(prompt="still serving", sampling=generate_pb2.SamplingParams(
+        max_new_tokens=1, ignore_eos=True)), timeout=30)  # and the next normal request is served
+    assert len(still.token_ids) == 1
 
 
 def test_normal_request_after_the_fuzzing(server):
