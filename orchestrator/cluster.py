@@ -177,21 +177,24 @@ class Cluster:
 
         return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
 
-    def metrics_targets(self) -> tuple[list[str], dict[tuple[int, int], int | None]]:
+    def metrics_targets(self, timeout_s: float = 3.0) -> tuple[list[str], dict[tuple[int, int], int | None]]:
         """Every component's metrics address, and per expert group (group, replica) the process id that
-        answered (None: dead or restarting)."""
+        answered (None: dead or restarting). Every component is asked at once, and all together get
+        `timeout_s`: restarting groups do not add up past a scrape's timeout."""
+        actors = [*self.groups, *self.routers, *self.shards]
+        calls = [actor.info.remote() for actor in actors]
+        deadline = time.monotonic() + timeout_s
         targets, pids = [], {}
-        for kind, actors in (("groups", self.groups), ("routers", self.routers), ("shards", self.shards)):
-            for k, actor in enumerate(actors):
-                try:
-                    info = ray.get(actor.info.remote(), timeout=5)
-                    pid = info["pid"]
-                    if info["metrics"]:
-                        targets.append(info["metrics"])
-                except Exception:  # noqa: BLE001 - dead or restarting: its series pause
-                    pid = None
-                if kind == "groups":
-                    pids[self.plan.groups[k].group, self.plan.groups[k].replica] = pid
+        for k, call in enumerate(calls):
+            try:
+                info = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
+                pid = info["pid"]
+                if info["metrics"]:
+                    targets.append(info["metrics"])
+            except Exception:  # noqa: BLE001 - dead or restarting: its series pause
+                pid = None
+            if k < len(self.groups):
+                pids[self.plan.groups[k].group, self.plan.groups[k].replica] = pid
         return targets, pids
 
     def lost(self, timeout_s: float = 5.0) -> list[str]:

@@ -14,14 +14,17 @@ import copy
 import json
 import re
 import shutil
+import socket
 import subprocess
+import time
 
 import jsonschema
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from expertmesh.services.metrics import AttentionMetrics, ExpertMetrics, GatewayMetrics, RouterMetrics
+from expertmesh.services.metrics import (AttentionMetrics, ClusterCollector, ExpertMetrics, GatewayMetrics,
+                                         RouterMetrics, serve_metrics)
 from test_deploy import DEPLOY, KUBERAY_DIR, SCHEMAS, _gateway, _one, _require_schemas, _serve_flags, validate
 
 GRAFANA_DIR = DEPLOY / "grafana"
@@ -306,3 +309,42 @@ def test_monitoring_kustomization_builds_and_every_object_validates():
         assert not errors, f"{doc['kind']}:\n" + "\n".join(errors)
     [built] = [d for d in docs if d["kind"] == "ConfigMap"]
     assert built == dashboard_configmap()
+
+
+class _Recording(ClusterCollector):
+    """Notes when each component's page was asked for and when its answer (or timeout) came."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spans: dict[str, list[float]] = {}
+
+    def _fetch(self, target):
+        start = time.monotonic()
+        try:
+            return super()._fetch(target)
+        finally:
+            self.spans[target] = [start, time.monotonic()]
+
+
+def test_the_merged_page_has_every_component_and_silent_ones_wait_together():
+    """Two components answer, two accept the connection and never answer (restarting): the merged page
+    has both answers' series, and the silent two were waited for at the same time, not in turn."""
+    pages = []
+    for layer in (0, 1):
+        registry = CollectorRegistry()
+        RouterMetrics(registry, 8, layers=(layer,))
+        pages.append(f"127.0.0.1:{serve_metrics(registry)}")
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # listen, never accept
+    try:
+        targets = pages + [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+        local = CollectorRegistry()
+        GatewayMetrics(local)
+        collector = _Recording(local, lambda: targets, timeout_s=1.0)
+        families = {f.name: f for f in collector.collect()}
+        layers = {s.labels["layer"] for s in families["expertmesh_router_sent_bytes"].samples}
+        assert layers == {"0", "1"} and "expertmesh_gateway_requests" in families
+        waits = [collector.spans[t] for t in targets[2:]]
+        assert max(start for start, _ in waits) < min(end for _, end in waits)  # both pending at once
+    finally:
+        for s in silent:
+            s.close()
