@@ -51,13 +51,14 @@ def fetch(url: str) -> str:
 
 
 def run_top(url: str, interval_s: float = 2.0, iterations: int | None = None,
-            out: Callable[[str], None] = print, get: Callable[[str], str] = fetch) -> None:
+            out: Callable[[str], None] = print, get: Callable[[str], str] = fetch,
+            clock: Callable[[], float] = time.monotonic) -> None:
     """Redraw every `interval_s` (forever, or `iterations` times)."""
-    before, t0 = routed_tokens(get(url)), time.monotonic()
+    before, t0 = routed_tokens(get(url)), clock()
     n = 0
     while iterations is None or n < iterations:
         time.sleep(interval_s)
-        now, t1 = routed_tokens(get(url)), time.monotonic()
+        now, t1 = routed_tokens(get(url)), clock()
         rates = {k: (v - before.get(k, 0.0)) / (t1 - t0) for k, v in now.items()}
         layers = 1 + max((k[0] for k in now), default=-1)
         experts = 1 + max((k[1] for k in now), default=-1)

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import urllib.parse
 from functools import cache
 from pathlib import Path
 
@@ -450,7 +451,8 @@ def test_local_prometheus_config_scrapes_expertmesh():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert len(jobs) == len(config["scrape_configs"]), "job names must be unique"
     targets = [t for sc in jobs["expertmesh"]["static_configs"] for t in sc["targets"]]
-    assert "127.0.0.1:9464" in targets
+    top_default = build_parser().parse_args(["top"]).metrics  # what `expertmesh top` reads by default
+    assert urllib.parse.urlparse(top_default).netloc in targets
 
 
 def test_every_yaml_file_under_deploy_parses():
