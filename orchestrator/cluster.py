@@ -105,7 +105,9 @@ class Cluster:
     group_names: list = field(default_factory=list)
 
     def start(self) -> Cluster:
-        """Create every actor and wait until each has loaded its weights and is listening."""
+        """Create every actor and wait until each has loaded its weights and is listening, all within
+        `start_timeout_s` (groups, then routers, then shards share it)."""
+        deadline = time.monotonic() + self.start_timeout_s
         # Actors are named (unique to this cluster): components find a restarted peer by its name.
         prefix = f"expertmesh-{uuid.uuid4().hex[:12]}-"
         self.group_names = [prefix + g.name for g in self.plan.groups]
@@ -115,7 +117,7 @@ class Cluster:
             self.groups = [_actor(ExpertGroupComponent, g, self.restarts, name).remote(
                 self.checkpoint, g.experts, self.options, str(g.group), g.replica)
                 for g, name in zip(self.plan.groups, self.group_names)]
-            group_addrs = self._addresses(self.groups, "an expert group")
+            group_addrs = self._addresses(self.groups, "an expert group", deadline)
             members: list[list[Endpoint]] = [[] for _ in range(1 + max(g.group for g in self.plan.groups))]
             for addr, g, name in zip(group_addrs, self.plan.groups, self.group_names):
                 members[g.group].append(Endpoint(addr, name, g.experts))
@@ -128,22 +130,23 @@ class Cluster:
                 self.routers = [_actor(RouterComponent, replace(s, num_gpus=0.0), self.restarts, name).remote(
                     self.checkpoint, s.layers, members, router_options)
                     for s, name in zip(self.plan.shards, router_names)]
-                addrs = self._addresses(self.routers, "a router")
+                addrs = self._addresses(self.routers, "a router", deadline)
                 router_addrs = [Endpoint(addr, name) for addr, name in zip(addrs, router_names)]
             self.shards = [_actor(AttentionShardComponent, s, self.restarts, name).remote(
                 self.checkpoint, s.layers, addr, self.num_slots, self.max_len, self.options, str(k))
                 for k, (s, addr, name) in enumerate(zip(self.plan.shards, router_addrs, self.shard_names))]
-            self.shard_addresses = self._addresses(self.shards, "an attention shard")
+            self.shard_addresses = self._addresses(self.shards, "an attention shard", deadline)
         except BaseException:
             self.shutdown()
             raise
         log.info("cluster up: %d attention shards, %d expert group actors", len(self.shards), len(self.groups))
         return self
 
-    def _addresses(self, actors: list, what: str) -> list[str]:
-        """Wait for `actors` to load and listen; their addresses, or the error of one that failed."""
+    def _addresses(self, actors: list, what: str, deadline: float) -> list[str]:
+        """Wait (until `deadline`, monotonic) for `actors` to load and listen; their addresses, or the
+        error of one that failed."""
         try:
-            return ray.get([a.address.remote() for a in actors], timeout=self.start_timeout_s)
+            return ray.get([a.address.remote() for a in actors], timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:  # the process died (a signal, out of memory): Ray's report says so
                 raise
@@ -153,7 +156,8 @@ class Cluster:
             why = shortfall(self.plan, ray.cluster_resources(), nodes) or unpacked(self.plan, nodes) or (
                 "still loading its weights, or no single node has everything it asks for "
                 f"(GPU, CPU, node-pool resource); Ray's resources in all: {ray.cluster_resources()}")
-            raise ComponentStartError(f"{what} was not up within {self.start_timeout_s:g} s: {why}") from None
+            raise ComponentStartError(f"the cluster was not up within {self.start_timeout_s:g} s (still waiting for "
+                                      f"{what}): {why}") from None
 
     def _wire_dtype(self) -> str:
         """The dtype hidden states travel in: the shards' compute dtype."""
