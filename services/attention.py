@@ -206,3 +206,4 @@ class ShardChain:
 
         self._loop.run(close())
         self._loop.close()
+        self.owner = None  # the components may go now

@@ -63,17 +63,18 @@ class RouterMetrics:
         self.received = Counter("expertmesh_router_received_bytes_total",
                                 "Hidden-state bytes received from expert groups", ["layer"], registry=registry)
         self.num_experts = num_experts
-        self._bytes: dict[int, tuple] = {}  # layer -> its (sent, received) series, looked up once
+        self._series: dict[int, tuple] = {}  # layer -> its (dispatch, sent, received) series, looked up once
         for layer in layers:
-            self._bytes_of(layer)
+            self._series_of(layer)
             for e in range(num_experts):
                 self.tokens.labels(layer, e)
                 self.weight.labels(layer, e)
 
-    def _bytes_of(self, layer: int) -> tuple:
-        series = self._bytes.get(layer)
+    def _series_of(self, layer: int) -> tuple:
+        series = self._series.get(layer)
         if series is None:
-            series = self._bytes[layer] = (self.sent.labels(layer), self.received.labels(layer))
+            series = self._series[layer] = (self.dispatch.labels(layer), self.sent.labels(layer),
+                                            self.received.labels(layer))
         return series
 
     def metered(self, router: RemoteRouter) -> AsyncMoE:
@@ -84,9 +85,9 @@ class RouterMetrics:
         async def moe(layer: int, x: torch.Tensor) -> torch.Tensor:
             start = time.perf_counter()
             y = await router(layer, x)
-            self.dispatch.labels(layer).observe(time.perf_counter() - start)
+            dispatch, sent, received = self._series_of(layer)
+            dispatch.observe(time.perf_counter() - start)
             nbytes = x.shape[0] * top_k * x.shape[1] * x.element_size()  # each routed row, out and back
-            sent, received = self._bytes_of(layer)
             sent.inc(nbytes)
             received.inc(nbytes)
             return y
@@ -233,7 +234,7 @@ class ClusterCollector:
     def collect(self):
         families: dict[str, Metric] = {}
         targets = list(self.targets())
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(targets)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:  # one wait, however many are silent
             texts = [t for t in pool.map(self._fetch, targets) if t is not None]
         for family in (*self.local.collect(), *(f for t in texts for f in text_string_to_metric_families(t))):
             merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))

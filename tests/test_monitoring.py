@@ -21,10 +21,10 @@ import time
 import jsonschema
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 
 from expertmesh.services.metrics import (AttentionMetrics, ClusterCollector, ExpertMetrics, GatewayMetrics,
-                                         RouterMetrics, serve_metrics)
+                                         RouterMetrics)
 from test_deploy import DEPLOY, KUBERAY_DIR, SCHEMAS, _gateway, _one, _require_schemas, _serve_flags, validate
 
 GRAFANA_DIR = DEPLOY / "grafana"
@@ -329,11 +329,12 @@ class _Recording(ClusterCollector):
 def test_the_merged_page_has_every_component_and_silent_ones_wait_together():
     """Two components answer, two accept the connection and never answer (restarting): the merged page
     has both answers' series, and the silent two were waited for at the same time, not in turn."""
-    pages = []
+    servers = []
     for layer in (0, 1):
         registry = CollectorRegistry()
         RouterMetrics(registry, 8, layers=(layer,))
-        pages.append(f"127.0.0.1:{serve_metrics(registry)}")
+        servers.append(start_http_server(0, addr="127.0.0.1", registry=registry)[0])
+    pages = [f"127.0.0.1:{server.server_port}" for server in servers]
     silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]  # listen, never accept
     try:
         targets = pages + [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
@@ -348,3 +349,6 @@ def test_the_merged_page_has_every_component_and_silent_ones_wait_together():
     finally:
         for s in silent:
             s.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
