@@ -1,7 +1,8 @@
 """The floor under one layer's remote expert call on this machine, measured apart from the cluster.
 
 1. Message round trips between two processes on loopback (2 KiB, one row of the small preset's hidden
-   state), back to back and with an idle gap after each, as an expert group sees at concurrency 1:
+   state), back to back and with an idle gap after each, as an expert group sees at concurrency 1, with
+   the CPU time each costs the client and the server process (what bounds a busy machine):
    grpc.aio bidirectional stream (what the cluster uses, with and without the GRPC_EXPERIMENTS its
    components run with), grpc sync stream and unary, raw TCP.
 2. One expert of the small preset on one row, one thread: back to back, after sleeping, and after
@@ -27,13 +28,18 @@ from concurrent import futures
 
 import grpc
 import torch
+from bench_cpu import process_cpu
 
 MESSAGE = b"x" * 2048
 SERVICE = "floor.Echo"
 
 
+WARM_UP = 20
+"""Round trips left out of every figure: the first open the connection and warm up."""
+
+
 def _p50_p90(seconds: list[float]) -> str:
-    s = sorted(seconds[20:])  # the first calls warm up
+    s = sorted(seconds[WARM_UP:])
     return f"{s[len(s) // 2] * 1e6:.0f} / {s[int(0.9 * len(s))] * 1e6:.0f}"
 
 
@@ -82,13 +88,19 @@ def _serve(kind: str, port: int, ready) -> None:
         server.wait_for_termination()
 
 
-def _client(kind: str, port: int, rounds: int, gap: float) -> str:
+def _client(kind: str, port: int, rounds: int, gap: float, server_pid: int) -> str:
     times = []
+    cpu: list[tuple[float, float]] = []  # (this process, the server) after the warm-up and at the end
+
+    def mark() -> None:
+        if len(times) in (WARM_UP, rounds):
+            cpu.append((time.process_time(), process_cpu(server_pid)))
 
     def timed(call) -> None:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
+        mark()
         time.sleep(gap)  # the thread blocks, as a component waiting for the rest of the step
 
     if kind == "raw TCP":
@@ -112,6 +124,7 @@ def _client(kind: str, port: int, rounds: int, gap: float) -> str:
                 await call.write(MESSAGE)
                 await call.read()
                 times.append(time.perf_counter() - start)
+                mark()
                 time.sleep(gap)
             await channel.close()
 
@@ -126,13 +139,15 @@ def _client(kind: str, port: int, rounds: int, gap: float) -> str:
         call = grpc.insecure_channel(f"127.0.0.1:{port}").unary_unary(f"/{SERVICE}/U")
         for _ in range(rounds):
             timed(lambda: call(MESSAGE, timeout=10))
-    return _p50_p90(times)
+    n = rounds - WARM_UP
+    return f"{_p50_p90(times)} | {(cpu[1][0] - cpu[0][0]) / n * 1e6:.0f} + {(cpu[1][1] - cpu[0][1]) / n * 1e6:.0f}"
 
 
 def transport(rounds: int, gaps: list[float]) -> None:
     ctx = multiprocessing.get_context("spawn")  # grpc does not survive fork
-    print("| path | " + " | ".join(f"gap {g * 1e3:.0f} ms: round trip p50 / p90 us" for g in gaps) + " |")
-    print("|---|" + "---|" * len(gaps))
+    print("| path | " + " | ".join(f"gap {g * 1e3:.0f} ms: round trip p50 / p90 us | CPU per round trip, client + "
+                                  "server us" for g in gaps) + " |")
+    print("|---|" + "---|---|" * len(gaps))
     from expertmesh.services.internal import INTERNAL_GRPC_EXPERIMENTS
 
     legacy = {"GRPC_EXPERIMENTS": INTERNAL_GRPC_EXPERIMENTS}  # what the cluster's components run with
@@ -153,7 +168,7 @@ def transport(rounds: int, gaps: list[float]) -> None:
             server.start()
             ready.wait(30)
             with ctx.Pool(1) as pool:
-                cells.append(pool.apply(_client, (client_kind, port, rounds, gap)))
+                cells.append(pool.apply(_client, (client_kind, port, rounds, gap, server.pid)))
             server.kill()
             server.join()
         for k, v in saved.items():
