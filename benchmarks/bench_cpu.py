@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from bench_cluster import make_requests
+from bench_cluster import make_requests, measure
 
 from expertmesh.engine import Engine
 from expertmesh.orchestrator.actors import RuntimeOptions
@@ -126,10 +126,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * (len(roles) + 1))
     for c in args.concurrency:
         for engine, _ in sides.values():  # warm-up
-            for r in make_requests(c, 32, 4):
-                engine.add(r)
-            while engine.scheduler.has_work():
-                engine.step()
+            measure(engine, make_requests(c, 32, 4))
         rows: dict[str, list[tuple[float, dict[str, float]]]] = {side: [] for side in sides}
         for r in range(args.rounds):
             for side in list(sides)[r % 2:] + list(sides)[:r % 2]:
