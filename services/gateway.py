@@ -159,6 +159,11 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     return status_for(exc)
 
 
+REPLY_FLUSH_S = 2.0
+"""How long a stopping server lets its calls send what they still hold once the engine loop has
+ended: every request has its last message or its error by then, unless a step hung."""
+
+
 class Gateway:
     """A running gateway: the grpc.aio server, its engine loop and its health service."""
 
@@ -173,10 +178,12 @@ class Gateway:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Graceful shutdown: health NOT_SERVING for good, let in-flight requests finish within the
-        grace period (the rest fail UNAVAILABLE), then stop the server."""
+        grace period (the rest fail UNAVAILABLE), then stop the server. Ends within `grace_s` +
+        STEP_SLACK_S + REPLY_FLUSH_S even if a step hangs: the server then ends the calls still open
+        (UNAVAILABLE, "Cancelling all calls")."""
         await self.health.enter_graceful_shutdown()
         await asyncio.to_thread(self.engine_loop.stop, grace_s)
-        await self.server.stop(grace_s)
+        await self.server.stop(REPLY_FLUSH_S)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()

@@ -31,6 +31,11 @@ from expertmesh.services.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+STEP_SLACK_S = 5.0
+"""How long a stop waits past its grace period for the step under way. A step takes milliseconds to
+a few seconds (a long prefill); one still running after this has hung, and the gateway stops without
+it (`Gateway.stop`), so that a shutdown ends within the grace period and a few seconds."""
+
 
 class EngineUnavailableError(RuntimeError):
     """The engine cannot serve the request (a step failed, or the loop is stopping): UNAVAILABLE."""
@@ -181,9 +186,10 @@ class EngineLoop:
                 texts.append(last.text)
         return dataclasses.replace(last, token_ids=token_ids, text="".join(texts))
 
-    def stop(self, grace_s: float, join_slack_s: float = 30.0) -> None:
+    def stop(self, grace_s: float, join_slack_s: float = STEP_SLACK_S) -> None:
         """Stop accepting; let in-flight requests finish within `grace_s`, fail the rest UNAVAILABLE,
-        and end the thread. Blocks until then (a step that hangs gets `join_slack_s` more)."""
+        and end the thread. Blocks until then, and for at most `join_slack_s` more: the loop ends
+        between steps, so a step under way when the grace runs out finishes first."""
         with self._lock:
             self._accepting = False
             if not self._thread.is_alive():

@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from expertmesh.engine import Engine, GenerationRequest
 from expertmesh.sampling import SamplingParams
 from expertmesh.scheduler import Scheduler
-from expertmesh.services.gateway import SERVICE_NAME, ModelInfo, start_gateway
-from expertmesh.services.gateway_loop import EngineLoop
+from expertmesh.services.gateway import REPLY_FLUSH_S, SERVICE_NAME, ModelInfo, start_gateway
+from expertmesh.services.gateway_loop import STEP_SLACK_S, EngineLoop
 from expertmesh.services.metrics import GatewayMetrics
 from expertmesh.v1 import generate_pb2, generate_pb2_grpc
 
@@ -561,4 +561,40 @@ def test_graceful_stop(aio, tiny_ckpt):
     finally:
         if stopping is None or not stopping.done():
             s.close(grace_s=0.1)  # stop() is idempotent
+        s.channel.close()
+
+
+class HungRunner(SlowRunner):
+    """A runner whose steps hang (until released) once `hang` is set: a component that stopped answering."""
+
+    def __init__(self, runner):
+        super().__init__(runner, 0.0)
+        self.hang, self.release_hang, self.hung = threading.Event(), threading.Event(), threading.Event()
+
+    def run(self, plan):
+        if self.hang.is_set():
+            self.hung.set()
+            self.release_hang.wait(120)
+        return super().run(plan)
+
+
+def test_stop_ends_within_its_bound_when_a_step_hangs(aio, tiny_ckpt):
+    base = Engine.from_checkpoint(tiny_ckpt, max_batch_size=1, max_seq_len=128)
+    runner = HungRunner(base.runner)
+    s = Served(aio, Engine(runner, base.tokenizer, base.cfg, Scheduler(num_slots=1, max_len=base.max_len)))
+    try:
+        stream = s.stub.GenerateStream(generate_pb2.GenerateRequest(
+            prompt="hang", sampling=greedy(50, ignore_eos=True)), timeout=60)
+        next(stream)
+        runner.hang.set()
+        assert runner.hung.wait(10)
+        started = time.monotonic()
+        s.aio.run(s.gateway.stop(0.2), timeout=60)
+        # The step hangs for 120 s; the stop waits for it STEP_SLACK_S past the grace, then REPLY_FLUSH_S.
+        assert time.monotonic() - started < 0.2 + STEP_SLACK_S + REPLY_FLUSH_S + 5
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        runner.release_hang.set()
         s.channel.close()
