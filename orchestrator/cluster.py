@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -103,6 +104,10 @@ class Cluster:
     shards: list = field(default_factory=list)
     shard_names: list = field(default_factory=list)  # the actors' names (`Endpoint.actor`)
     group_names: list = field(default_factory=list)
+    # Per actor, its `info` call still unanswered: a busy or hung actor runs every call sent to it once
+    # free (Ray 2.60's cancel does not take a queued actor call back), so it gets one at a time.
+    _probes: dict = field(default_factory=dict, repr=False)
+    _probes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def start(self) -> Cluster:
         """Create every actor and wait until each has loaded its weights and is listening, all within
@@ -174,10 +179,19 @@ class Cluster:
         return ShardChain(self.shard_addresses, timeout_s=timeout_s or 2 * self.options.call_timeout_s,
                           resolvers=resolvers, tls=self.options.tls(), owner=self)
 
+    def _probe(self, actor) -> ray.ObjectRef:
+        """`actor.info.remote()`, or the call to it still unanswered."""
+        with self._probes_lock:
+            pending = self._probes.get(actor)
+            if pending is not None and not ray.wait([pending], timeout=0)[0]:
+                return pending
+            self._probes[actor] = call = actor.info.remote()
+            return call
+
     def describe(self) -> dict:
         """Where every component runs: {"groups": [...], "routers": [...], "shards": [...]} of info dicts."""
         def infos(actors):
-            return ray.get([a.info.remote() for a in actors], timeout=30)
+            return ray.get([self._probe(a) for a in actors], timeout=30)
 
         return {"groups": infos(self.groups), "routers": infos(self.routers), "shards": infos(self.shards)}
 
@@ -186,7 +200,7 @@ class Cluster:
         answered (None: dead or restarting). Every component is asked at once, and all together get
         `timeout_s`: restarting groups do not add up past a scrape's timeout."""
         actors = [*self.groups, *self.routers, *self.shards]
-        calls = [actor.info.remote() for actor in actors]
+        calls = [self._probe(actor) for actor in actors]
         deadline = time.monotonic() + timeout_s
         targets, pids = [], {}
         for k, call in enumerate(calls):
@@ -210,7 +224,7 @@ class Cluster:
             # unavailable; one that fails fresh calls as dead again and again will never run again.
             for _ in range(GONE_AFTER):
                 try:
-                    ray.get(actor.info.remote(), timeout=timeout_s)
+                    ray.get(self._probe(actor), timeout=timeout_s)
                     return False
                 except ray.exceptions.ActorDiedError:
                     time.sleep(0.5)

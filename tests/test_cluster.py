@@ -8,6 +8,7 @@ import gc
 import os
 import random
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,42 @@ def test_components_start_with_their_environment_and_groups_never_preempt_on_wak
                 assert {os.sched_getscheduler(t) for t in tids} == {policy}, (kind, info["pid"])
     finally:
         cluster.shutdown()
+
+
+
+def test_a_busy_component_gets_one_probe_at_a_time(ray_cluster):
+    import ray
+
+    class Busy:  # defined here, so that Ray ships it by value (workers cannot import this module)
+        """A component stand-in: `info` as the cluster's components answer it, and `hold` to keep its
+        one thread busy, as a component stuck in a long call would."""
+
+        def __init__(self):
+            self.answered = 0
+
+        def info(self) -> dict:
+            self.answered += 1
+            return {"pid": os.getpid(), "metrics": None}
+
+        def hold(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+        def count(self) -> int:
+            return self.answered
+
+    busy = ray.remote(num_cpus=0)(Busy).remote()
+    assert ray.get(busy.count.remote(), timeout=60) == 0
+    held = busy.hold.remote(4)
+    plan = types.SimpleNamespace(shards=[types.SimpleNamespace(layers=(0, 1))], groups=[])
+    cluster = Cluster("unused", plan, RuntimeOptions(), 1, 1, shards=[busy])
+    try:
+        for _ in range(3):
+            assert cluster.metrics_targets(timeout_s=0.3) == ([], {})  # a scrape: no answer in time
+        assert cluster.lost(timeout_s=0.3) == []  # busy is not lost
+        ray.get(held, timeout=60)
+        # Every probe sent would have been answered once the component was free: one was sent.
+        assert ray.get(busy.count.remote(), timeout=60) == 1
+        assert cluster.metrics_targets(timeout_s=30) == ([], {})
+        assert ray.get(busy.count.remote(), timeout=60) == 2  # a fresh probe once the last was answered
+    finally:
+        ray.kill(busy)
