@@ -250,3 +250,5 @@ class Cluster:
             except Exception:  # noqa: BLE001 - already gone is fine
                 log.debug("actor already gone", exc_info=True)
         self.groups, self.routers, self.shards = [], [], []
+        with self._probes_lock:
+            self._probes.clear()

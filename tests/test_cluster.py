@@ -143,7 +143,6 @@ def test_components_start_with_their_environment_and_groups_never_preempt_on_wak
         cluster.shutdown()
 
 
-
 def test_a_busy_component_gets_one_probe_at_a_time(ray_cluster):
     import ray
 
