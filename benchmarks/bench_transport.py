@@ -112,12 +112,7 @@ def start_cluster(model: str, plan, slots: int, max_len: int, raw: bool) -> Clus
 
 def greedy_tokens(engine: Engine) -> list[list[int]]:
     """Every token of a few greedy requests: the raw path must compute exactly what gRPC does."""
-    done: dict[str, list[int]] = {}
-    ids = [engine.add(r) for r in make_requests(4, 32, 8, seed=7)]
-    while engine.scheduler.has_work():
-        for out in engine.step():
-            done.setdefault(out.request_id, []).extend(out.token_ids)
-    return [done[i] for i in ids]
+    return [list(r.token_ids) for r in engine.generate(make_requests(4, 32, 8, seed=7))]
 
 
 def main() -> None:
